@@ -1,0 +1,82 @@
+"""The archive: N stacked models, their score matrix and which slots are occupied.
+
+Memory: the stacked params hold N copies of the model (N * D * itemsize bytes) and the
+scores N * M float32; insertion updates one slot in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Archive:
+    """Stacked archive state.
+
+    Attributes:
+      params: pytree whose leaves have a leading axis N (slot).
+      scores: S, float32 (N, M); all zeros in an empty slot.
+      occupied: bool (N,); empty slots are never parents and are replaced first.
+    """
+
+    params: object
+    scores: jax.Array
+    occupied: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.scores.shape[0]
+
+
+def empty(template, num_slots: int, num_points: int) -> Archive:
+    """An archive of `num_slots` empty slots shaped like the model `template`."""
+    params = jax.tree.map(lambda x: jnp.zeros((num_slots,) + x.shape, x.dtype), template)
+    return Archive(
+        params=params,
+        scores=jnp.zeros((num_slots, num_points), jnp.float32),
+        occupied=jnp.zeros((num_slots,), bool),
+    )
+
+
+def get(archive: Archive, index: jax.Array):
+    """The model in slot `index`, a pytree without the slot axis."""
+    return jax.tree.map(lambda p: p[index], archive.params)
+
+
+def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept: jax.Array) -> Archive:
+    """Write `model` and its `scores` into slot `index` if `accept`, else return as is.
+
+    Only one slot is touched either way (a rejected write rewrites slot `index` with
+    its own contents), so inside `lax.scan` the update happens in place.
+    """
+    keep = lambda new, stack: jnp.where(accept, new, stack[index])
+    params = jax.tree.map(lambda stack, new: stack.at[index].set(keep(new, stack)), archive.params, model)
+    return Archive(
+        params=params,
+        scores=archive.scores.at[index].set(keep(scores, archive.scores)),
+        occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),
+    )
+
+
+def insert_worst_leaves(archive: Archive, model, scores: jax.Array, fitness: jax.Array) -> tuple[Archive, jax.Array]:
+    """N + 1 compete: the one with the lowest fitness leaves (SPEC.md step 4).
+
+    Args:
+      archive: N slots.
+      model, scores: the candidate and its scores (M,).
+      fitness: f of the N archive models followed by the candidate, shape (N + 1,),
+        computed over all N + 1 together.
+
+    Returns:
+      (archive, dropped): `dropped` is the index that left, N when the candidate
+      itself was rejected. Empty slots leave first (lowest index first); otherwise
+      the lowest fitness, first index on ties.
+    """
+    n = archive.size
+    contenders = jnp.concatenate([archive.occupied, jnp.ones((1,), bool)])
+    dropped = jnp.argmin(jnp.where(contenders, fitness, -jnp.inf))
+    accept = dropped < n
+    slot = jnp.where(accept, dropped, 0)
+    return replace(archive, slot, model, scores, accept), dropped

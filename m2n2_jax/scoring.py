@@ -1,0 +1,53 @@
+"""Per-datapoint scores: the evaluation that the budget counts.
+
+A `score_fn(params, batch) -> scores` maps a model and a batch of datapoints (a pytree
+whose leaves share a leading axis M) to scores in [0, 1] of shape (M,).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def classification_scores(apply_fn: Callable) -> Callable:
+    """score_fn for a classifier: 1.0 where argmax(apply_fn(params, x)) == y, else 0.0.
+
+    The batch is a pair (x, y) with x (M, ...) inputs and y (M,) integer labels.
+    """
+
+    def score_fn(params, batch):
+        x, y = batch
+        return (jnp.argmax(apply_fn(params, x), axis=-1) == y).astype(jnp.float32)
+
+    return score_fn
+
+
+def num_points(data) -> int:
+    """M, the shared leading dimension of the leaves of `data`."""
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(data)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"data leaves must share one leading axis (datapoints), got sizes {sorted(map(str, sizes))}")
+    return sizes.pop()
+
+
+def evaluate(score_fn: Callable, params, data, chunk_size: int | None = None) -> jax.Array:
+    """Scores of one model on all M datapoints, shape (M,), float32.
+
+    With `chunk_size`, the data are cut into chunks of that many datapoints (the last
+    one padded) evaluated one after another with `lax.map`, so memory does not grow
+    with M.
+    """
+    m = num_points(data)
+    if chunk_size is None or chunk_size >= m:
+        return score_fn(params, data).astype(jnp.float32)
+    num_chunks = -(-m // chunk_size)
+    pad = num_chunks * chunk_size - m
+    chunks = jax.tree.map(
+        lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((num_chunks, chunk_size) + x.shape[1:]),
+        data,
+    )
+    scores = jax.lax.map(lambda batch: score_fn(params, batch).astype(jnp.float32), chunks)
+    return scores.reshape(-1)[:m]

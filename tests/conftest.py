@@ -1,0 +1,26 @@
+"""Shared fixtures: small random problems and NumPy references used across tests."""
+
+import jax
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(params=["jit", "no_jit"])
+def transform(request):
+    """Run a test once under jax.jit and once eagerly (like chex.variants)."""
+    return jax.jit if request.param == "jit" else (lambda f: f)
+
+
+def np_fitness(scores, alpha=1.0, capacity=None):
+    """NumPy reference of SPEC mechanism 1."""
+    scores = np.asarray(scores, np.float64)
+    total = scores.sum(0)
+    z = np.where(total > 0, np.power(np.where(total > 0, total, 1.0), alpha), 1.0)
+    c = np.ones(scores.shape[1]) if capacity is None else np.asarray(capacity, np.float64)
+    per_point = c * scores / z
+    return per_point, per_point.sum(1)
