@@ -1,0 +1,85 @@
+"""Draw every method found in DIR as mean ± stderr test-accuracy curves and print a table.
+
+    python experiments/plot.py experiments/results/from_scratch [--out FILE.png]
+
+Reads DIR/*.json written by the experiment scripts; writes DIR/curves.png by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Final test accuracy read off the paper's figure (SPEC.md), for side-by-side tables.
+PAPER = {
+    "from_scratch": {"m2n2": 0.87, "cma-es": 0.86, "m2n2-no-crossover": 0.77, "ga-no-crossover": 0.71,
+                     "ga": 0.68, "map-elites": 0.60},
+    "pretrained": {"m2n2": 0.685, "m2n2-no-attraction": 0.66, "map-elites": 0.62, "brute-force": 0.577,
+                   "m2n2-no-splitpoint": 0.577, "ga": 0.52},
+}
+
+
+def load(directory: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if "curve" in record and "method" in record:
+            records.append(record)
+    if not records:
+        raise SystemExit(f"error: no result JSON files in {directory}")
+    return sorted(records, key=lambda r: -r["final_test_accuracy_mean"])
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'method':<22}{'runs':>5}{'passes':>9}{'final test acc':>22}{'paper':>8}{'wall s':>9}"]
+    for r in records:
+        paper = PAPER.get(r.get("experiment", ""), {}).get(r["method"])
+        lines.append(
+            f"{r['method']:<22}{r['runs']:>5}{r['forward_passes']:>9}"
+            f"{100 * r['final_test_accuracy_mean']:>14.1f} ± {100 * r['final_test_accuracy_stderr']:<5.1f}"
+            f"{'' if paper is None else f'{100 * paper:.1f}':>8}{r['wall_seconds']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        c = r["curve"]
+        x, mean, err = c["forward_passes"], c["test_accuracy_mean"], c["test_accuracy_stderr"]
+        line, = ax.plot(x, mean, label=f"{r['method']} ({100 * r['final_test_accuracy_mean']:.1f} %)")
+        ax.fill_between(x, [m - e for m, e in zip(mean, err)], [m + e for m, e in zip(mean, err)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    runs = sorted({r["runs"] for r in records})
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel("test accuracy (best-train model)")
+    ax.set_title(f"{records[0].get('experiment', '')}: mean ± stderr over {'/'.join(map(str, runs))} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir")
+    p.add_argument("--out", help="PNG path (default DIR/curves.png)")
+    args = p.parse_args(argv)
+    records = load(args.dir)
+    out = args.out or os.path.join(args.dir, "curves.png")
+    plot(records, out)
+    print(table(records))
+    print(f"plot -> {out}")
+
+
+if __name__ == "__main__":
+    main()
