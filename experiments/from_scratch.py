@@ -12,9 +12,12 @@ import argparse
 import os
 import sys
 
-import jax
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_devices import use_all_cores  # noqa: E402
+
+use_all_cores()
+
+import jax  # noqa: E402
 
 import m2n2_jax as mj  # noqa: E402
 from common import digits_problem, result_record, run_keys, write_json  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
 from m2n2_jax import algorithm as m2n2
@@ -87,6 +88,7 @@ def run(
     chunk_size: int | None = None,
     steps_per_call: int | None = None,
     vectorize: str = "map",
+    devices: Sequence[jax.Device] | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Evolve for `forward_passes` forward passes, one run per key.
@@ -106,6 +108,11 @@ def run(
       chunk_size: evaluate datapoints in chunks of this many (memory bound).
       steps_per_call: steps per compiled call (progress granularity).
       vectorize: "map" (lax.map over runs) or "vmap".
+      devices: devices to spread the runs over (default `jax.local_devices()`); the
+        runs are split evenly over the largest number of them that divides R, with
+        `shard_map` over a one-axis Mesh. On a CPU, forcing one XLA device per core
+        (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before importing
+        jax) lets runs use every core.
 
     Returns:
       RunResult.
@@ -145,7 +152,10 @@ def run(
     num_steps = forward_passes - num_seeds
     call_steps = max(1, min(num_steps, steps_per_call or max(100, -(-num_steps // 20))))
     num_calls = -(-num_steps // call_steps) if num_steps else 0
-    start, advance = _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize, shared_seeds is not None)
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    num_devices = max(n for n in range(1, len(devices) + 1) if num_runs % n == 0)
+    start, advance = _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize,
+                              shared_seeds is not None, devices[:num_devices])
     t0 = time.perf_counter()
     state, seed_scores, (train0, test0) = start(shared_seeds if seeds is None else seeds, init_keys, data, test_data)
     check_scores(seed_scores, m, "seed models")
@@ -181,8 +191,11 @@ def run(
 
 
 @functools.lru_cache(maxsize=32)
-def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize, shared):
+def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize, shared, devices):
     """The two jitted functions of a run, cached so repeated runs reuse compilations.
+
+    Both are wrapped in `shard_map` over a Mesh of `devices` with one axis "runs":
+    each device evolves its share of the runs; data and step counters are replicated.
 
     start(seeds, run_keys, data, test) -> (states, seed_scores, (train, test))
     advance(states, run_keys, first_step, num_steps, data, test)
@@ -199,7 +212,6 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
             return train, nan
         return train, evaluate_fn(archive_lib.get(state, b), test).mean()
 
-    @jax.jit
     def start(seeds, run_keys, data, test):
         def one(args):
             run_seeds, k = args
@@ -210,7 +222,6 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
 
         return batch(one, (None if shared else seeds, run_keys))
 
-    @jax.jit
     def advance(states, run_keys, first_step, num_steps, data, test):
         forward_passes = num_seeds + num_steps
 
@@ -239,4 +250,11 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
 
         return batch(one, (states, run_keys))
 
-    return start, advance
+    mesh = Mesh(np.array(devices), ("runs",))
+    runs, replicated = PartitionSpec("runs"), PartitionSpec()
+    seeds_spec = replicated if shared else runs
+    start = jax.shard_map(start, mesh=mesh, in_specs=(seeds_spec, runs, replicated, replicated),
+                          out_specs=runs, check_vma=False)
+    advance = jax.shard_map(advance, mesh=mesh, in_specs=(runs, runs, replicated, replicated, replicated, replicated),
+                            out_specs=runs, check_vma=False)
+    return jax.jit(start), jax.jit(advance)

@@ -145,3 +145,15 @@ def test_unknown_method():
         mj.make_method("cma")
     with pytest.raises(ValueError, match="descriptor_fn"):
         mj.make_method("map-elites")
+
+
+def test_runs_sharded_over_devices_equal_one_device():
+    assert len(jax.devices()) == 2, "conftest forces two CPU devices"
+    keys = jax.vmap(jax.random.key)(jnp.arange(4))
+    algo = mj.make_method("m2n2", mutation_std=0.05)
+    args = (keys, SEEDS, SCORE_FN, TRAIN, 60, algo)
+    two = mj.run(*args, test_data=TEST, log_every=10, progress=False)
+    one = mj.run(*args, test_data=TEST, log_every=10, progress=False, devices=jax.devices()[:1])
+    assert len(two.state.scores.sharding.device_set) == 2
+    np.testing.assert_allclose(two.test_accuracy, one.test_accuracy)
+    chex.assert_trees_all_close(two.state, one.state, atol=1e-6)
