@@ -46,12 +46,12 @@ def main(argv=None) -> dict:
     if args.runs < 1:
         raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
     model, score_fn, train, test, descriptor_fn = digits_problem(args.hidden)
-    algo = mj.make_method(
-        args.method, mutation_std=args.mutation_std, archive_size=args.archive_size, descriptor_fn=descriptor_fn
-    )
     input_dim = train[0].shape[1]
     seed_models = lambda key: jax.vmap(lambda k: random_params(k, model, input_dim))(jax.random.split(key, 2))
     try:
+        algo = mj.make_method(
+            args.method, mutation_std=args.mutation_std, archive_size=args.archive_size, descriptor_fn=descriptor_fn
+        )
         result = mj.run(
             run_keys(args.seed, args.runs), seed_models, score_fn, train, args.forward_passes, algo,
             test_data=test, log_every=args.log_every, progress=not args.no_progress,
