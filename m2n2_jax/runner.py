@@ -145,7 +145,10 @@ def run(
             f"forward_passes must be an int >= max(2, number of seed models = {num_seeds}), got {forward_passes!r}"
         )
     check_finite_params(stacked if seeds is None else seeds, "seed models")
-    out = jax.eval_shape(score_fn, jax.tree.map(lambda x: x[0], stacked), data)
+    try:
+        out = jax.eval_shape(score_fn, jax.tree.map(lambda x: x[0], stacked), data)
+    except Exception as e:  # shape errors surface as TypeError, flax errors, ...
+        raise ValueError(f"score_fn cannot evaluate a seed model on data (wrong data shape?): {e}") from e
     if out.shape != (m,):
         raise ValueError(f"score_fn must return per-datapoint scores of shape ({m},), got {out.shape}")
 

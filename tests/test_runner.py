@@ -88,6 +88,7 @@ def test_pretrained_seed_list_is_shared_by_runs():
         ({"log_every": 0}, "log_every"),
         ({"vectorize": "pmap"}, "vectorize"),
         ({"data": (X[:90], Y[:80])}, "leading axis"),
+        ({"data": (X[:90, :5], Y[:90])}, "wrong data shape"),
         ({"score_fn": lambda p, b: SCORE_FN(p, b)[:5]}, "shape"),
         ({"key": KEYS[:0]}, "at least one"),
     ],
