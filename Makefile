@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Short from-scratch demo on scikit-learn's digits: M2N2 vs GA, 3 runs x 5,000 passes.
+# Short from-scratch demo on scikit-learn's digits: M2N2 vs GA, 4 runs x 5,000 passes.
 run: $(STAMP)
 	for method in m2n2 ga; do \
-	  $(BIN)/python experiments/from_scratch.py --method $$method --runs 3 --forward-passes 5000 --out results/demo || exit 1; \
+	  $(BIN)/python experiments/from_scratch.py --method $$method --runs 4 --forward-passes 5000 --out results/demo || exit 1; \
 	done
 	$(BIN)/python experiments/plot.py results/demo
 

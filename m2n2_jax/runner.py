@@ -108,9 +108,9 @@ def run(
       chunk_size: evaluate datapoints in chunks of this many (memory bound).
       steps_per_call: steps per compiled call (progress granularity).
       vectorize: "map" (lax.map over runs) or "vmap".
-      devices: devices to spread the runs over (default `jax.local_devices()`); the
-        runs are split evenly over the largest number of them that divides R, with
-        `shard_map` over a one-axis Mesh. On a CPU, forcing one XLA device per core
+      devices: devices to spread the runs over (default `jax.local_devices()`), with
+        `shard_map` over a one-axis Mesh; R is padded to a multiple of their number
+        with copies of the last run, which are dropped from the result. On a CPU, forcing one XLA device per core
         (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before importing
         jax) lets runs use every core.
 
@@ -130,7 +130,11 @@ def run(
         num_points(test_data)
         if jax.tree.structure(test_data) != jax.tree.structure(data):
             raise ValueError("test_data must have the same pytree structure as data")
-    init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    devices = tuple(jax.local_devices() if devices is None else devices)[:num_runs]
+    # Pad the runs to a multiple of the devices with copies of the last run; dropped at the end.
+    padded = keys if num_runs % len(devices) == 0 else jnp.concatenate(
+        [keys, jnp.repeat(keys[-1:], -num_runs % len(devices), axis=0)])
+    init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
 
     if callable(seed_models):
         seeds = jax.jit(jax.vmap(seed_models))(init_keys)
@@ -155,10 +159,8 @@ def run(
     num_steps = forward_passes - num_seeds
     call_steps = max(1, min(num_steps, steps_per_call or max(100, -(-num_steps // 20))))
     num_calls = -(-num_steps // call_steps) if num_steps else 0
-    devices = tuple(jax.local_devices() if devices is None else devices)
-    num_devices = max(n for n in range(1, len(devices) + 1) if num_runs % n == 0)
     start, advance = _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize,
-                              shared_seeds is not None, devices[:num_devices])
+                              shared_seeds is not None, devices)
     t0 = time.perf_counter()
     state, seed_scores, (train0, test0) = start(shared_seeds if seeds is None else seeds, init_keys, data, test_data)
     check_scores(seed_scores, m, "seed models")
@@ -179,8 +181,9 @@ def run(
         bar.update(num_runs * min(call_steps, num_steps - c * call_steps))
     bar.close()
     mask = log_mask(num_seeds, forward_passes, log_every)
-    train_all = np.concatenate(trains, axis=1)[:, : num_steps + 1][:, mask]
-    test_all = np.concatenate(tests, axis=1)[:, : num_steps + 1][:, mask]
+    train_all = np.concatenate(trains, axis=1)[:num_runs, : num_steps + 1][:, mask]
+    test_all = np.concatenate(tests, axis=1)[:num_runs, : num_steps + 1][:, mask]
+    state = jax.tree.map(lambda x: x[:num_runs], state)
     best_params = jax.vmap(lambda s: archive_lib.get(s, algo.best(s)))(state)
     jax.block_until_ready(best_params)
     return RunResult(

@@ -158,3 +158,7 @@ def test_runs_sharded_over_devices_equal_one_device():
     assert len(two.state.scores.sharding.device_set) == 2
     np.testing.assert_allclose(two.test_accuracy, one.test_accuracy)
     chex.assert_trees_all_close(two.state, one.state, atol=1e-6)
+    # An odd number of runs is padded to the devices and trimmed back.
+    three = mj.run(keys[:3], *args[1:], test_data=TEST, log_every=10, progress=False)
+    assert three.test_accuracy.shape == (3, 6) and three.state.scores.shape[0] == 3
+    np.testing.assert_allclose(three.test_accuracy, one.test_accuracy[:3])
