@@ -24,13 +24,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The full protocol of README's results table (10 seeds x 50,000 passes per method).
+# The full protocols of README's results tables (10 seeds per method).
 experiments: $(STAMP)
 	for method in m2n2 m2n2-no-crossover m2n2-no-splitpoint m2n2-no-attraction ga ga-no-crossover map-elites; do \
 	  $(BIN)/python experiments/from_scratch.py --method $$method --runs 10 --forward-passes 50000 \
 	    --seed 42 --out experiments/results/from_scratch || exit 1; \
 	done
 	$(BIN)/python experiments/plot.py experiments/results/from_scratch
+	for method in m2n2 m2n2-no-attraction m2n2-no-splitpoint ga map-elites brute-force; do \
+	  $(BIN)/python experiments/pretrained.py --method $$method --runs 10 --forward-passes 10000 \
+	    --seed 42 --out experiments/results/pretrained || exit 1; \
+	done
+	$(BIN)/python experiments/plot.py experiments/results/pretrained
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -1,7 +1,8 @@
-"""Shared pieces of the digits experiments: data, model, seeds, JSON output."""
+"""Shared pieces of the digits experiments: data, model, seeds, the command line, JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -70,3 +71,56 @@ def write_json(path: str, record: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
         json.dump(record, f, indent=1)
     os.replace(f.name, path)
+
+
+def make_parser(doc: str, methods, forward_passes: int, out: str, mutation_std: float) -> argparse.ArgumentParser:
+    """The experiment scripts' command line (a contract: keep it stable)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="m2n2", help=f"one of: {', '.join(methods)}")
+    p.add_argument("--runs", type=int, default=10, help="independent runs (seeds)")
+    p.add_argument("--forward-passes", type=int, default=forward_passes, help="budget per run, seeds included")
+    p.add_argument("--seed", type=int, default=42, help="first seed; runs use seed .. seed+runs-1")
+    p.add_argument("--out", default=out, help="output directory")
+    p.add_argument("--hidden", type=int, default=256, help="MLP hidden width (paper: 256)")
+    p.add_argument("--archive-size", type=int, default=20)
+    p.add_argument("--mutation-std", type=float, default=mutation_std)
+    p.add_argument("--log-every", type=int, default=100, help="log every this many passes")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def check_args(args, methods) -> None:
+    if args.method not in methods:
+        raise SystemExit(f"error: unknown method {args.method!r}; choose one of {', '.join(methods)}")
+    if args.runs < 1:
+        raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
+
+
+def evolve(args, experiment: str, seed_models, score_fn, train, test, descriptor_fn, **extra) -> dict:
+    """Run args.method through `m2n2_jax.run`, write OUT/METHOD.json, return the record."""
+    try:
+        algo = mj.make_method(
+            args.method, mutation_std=args.mutation_std, archive_size=args.archive_size, descriptor_fn=descriptor_fn
+        )
+        result = mj.run(
+            run_keys(args.seed, args.runs), seed_models, score_fn, train, args.forward_passes, algo,
+            test_data=test, log_every=args.log_every, progress=not args.no_progress,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return save(args, experiment, result, archive_size=args.archive_size, mutation_std=args.mutation_std, **extra)
+
+
+def save(args, experiment: str, result: mj.RunResult, **extra) -> dict:
+    """Write OUT/METHOD.json for `result` and print a one-line summary."""
+    seeds = list(range(args.seed, args.seed + args.runs))
+    record = result_record(
+        args.method, seeds, result, experiment=experiment, hidden=args.hidden,
+        num_params=mj.num_params(jax.tree.map(lambda x: x[0], result.best_params)), **extra,
+    )
+    path = os.path.join(args.out, f"{args.method}.json")
+    write_json(path, record)
+    print(f"{args.method}: final test accuracy {record['final_test_accuracy_mean']:.4f} "
+          f"± {record['final_test_accuracy_stderr']:.4f} (stderr, {args.runs} runs), "
+          f"{result.wall_seconds:.1f} s -> {path}")
+    return record

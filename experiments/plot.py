@@ -45,7 +45,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         experiment = r.get("experiment", "")
         paper = PAPER.get(experiment, {}).get(r["method"])
-        if r["forward_passes"] != PAPER_BUDGET.get(experiment):
+        if r["forward_passes"] != PAPER_BUDGET.get(experiment) or r.get("specialist_init", "paper") != "paper":
             paper = None
         lines.append(
             f"{r['method']:<22}{r['runs']:>5}{r['forward_passes']:>9}"
@@ -66,7 +66,9 @@ def plot(records: list[dict], path: str) -> None:
     runs = sorted({r["runs"] for r in records})
     ax.set_xlabel("forward passes")
     ax.set_ylabel("test accuracy (best-train model)")
-    ax.set_title(f"{records[0].get('experiment', '')}: mean ± stderr over {'/'.join(map(str, runs))} runs")
+    init = records[0].get("specialist_init")
+    title = records[0].get("experiment", "") + (f" (specialists: {init})" if init else "")
+    ax.set_title(f"{title}: mean ± stderr over {'/'.join(map(str, runs))} runs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

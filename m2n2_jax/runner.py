@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from m2n2_jax import algorithm as m2n2
@@ -161,6 +161,12 @@ def run(
     num_calls = -(-num_steps // call_steps) if num_steps else 0
     start, advance = _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize,
                               shared_seeds is not None, devices)
+    # Inputs may be committed to one device (e.g. restored from a checkpoint): place
+    # the shared ones on every device of the mesh, replicated.
+    replicated = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec())
+    data, test_data = jax.device_put((data, test_data), replicated)
+    if shared_seeds is not None:
+        shared_seeds = jax.device_put(shared_seeds, replicated)
     t0 = time.perf_counter()
     state, seed_scores, (train0, test0) = start(shared_seeds if seeds is None else seeds, init_keys, data, test_data)
     check_scores(seed_scores, m, "seed models")

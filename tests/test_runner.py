@@ -75,8 +75,9 @@ def test_log_every_one_gives_per_pass_curve_and_last_pass_is_logged():
 
 
 def test_pretrained_seed_list_is_shared_by_runs():
-    models = [random_params(jax.random.key(i), MODEL, 8, std=0.3) for i in range(2)]
-    result = mj.run(KEYS, models, SCORE_FN, TRAIN, 20, mj.Config(mutation_std=0.0), log_every=10, progress=False)
+    # Committed to one device, as arrays restored from a checkpoint are.
+    models = [jax.device_put(random_params(jax.random.key(i), MODEL, 8, std=0.3), jax.devices()[0]) for i in range(2)]
+    result = mj.run(KEYS, models, SCORE_FN, jax.device_put(TRAIN, jax.devices()[1]), 20, mj.Config(mutation_std=0.0), log_every=10, progress=False)
     assert result.train_accuracy.shape == (3, 2)
 
 
