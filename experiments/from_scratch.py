@@ -4,7 +4,9 @@
         --seed 42 --out experiments/results/from_scratch
 
 writes OUT/METHOD.json (fields: common.result_record). Each run starts from two
-N(0, 0.01^2) random models of its own.
+N(0, 0.01^2) random models of its own. The evosax baselines `cma-es` and `sep-cma-es`
+start from one N(0, 0.01^2) mean with sigma_0 = --std-init and a population of
+--population; their budget must be a multiple of the population.
 """
 
 from __future__ import annotations
@@ -20,15 +22,30 @@ use_all_cores()
 import jax  # noqa: E402
 
 import m2n2_jax as mj  # noqa: E402
-from common import check_args, digits_problem, evolve, make_parser  # noqa: E402
+from common import check_args, digits_problem, evolve, make_parser, run_keys, save  # noqa: E402
+from m2n2_jax.baselines.evosax_es import STRATEGIES, run_es  # noqa: E402
 from m2n2_jax.models.mlp import random_params  # noqa: E402
+
+METHODS = mj.METHODS + tuple(STRATEGIES)
 
 
 def main(argv=None) -> dict:
-    args = make_parser(__doc__, mj.METHODS, 50_000, "experiments/results/from_scratch", 0.01).parse_args(argv)
-    check_args(args, mj.METHODS)
+    parser = make_parser(__doc__, METHODS, 50_000, "experiments/results/from_scratch", 0.01)
+    parser.add_argument("--population", type=int, default=20, help="ES population size")
+    parser.add_argument("--std-init", type=float, default=0.01, help="ES initial step size sigma_0")
+    args = parser.parse_args(argv)
+    check_args(args, METHODS)
     model, score_fn, train, test, descriptor_fn = digits_problem(args.hidden)
     input_dim = train[0].shape[1]
+    if args.method in STRATEGIES:
+        init_fn = lambda key: random_params(key, model, input_dim)
+        try:
+            result = run_es(run_keys(args.seed, args.runs), args.method, init_fn, score_fn, train,
+                            args.forward_passes, population_size=args.population, std_init=args.std_init,
+                            test_data=test, log_every=args.log_every, progress=not args.no_progress)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        return save(args, "from_scratch", result, population=args.population, std_init=args.std_init)
     seed_models = lambda key: jax.vmap(lambda k: random_params(k, model, input_dim))(jax.random.split(key, 2))
     return evolve(args, "from_scratch", seed_models, score_fn, train, test, descriptor_fn)
 
