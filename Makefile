@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # The full protocols of README's results tables (10 seeds per method).
 experiments: $(STAMP)
-	for method in m2n2 m2n2-no-crossover m2n2-no-splitpoint m2n2-no-attraction ga ga-no-crossover map-elites; do \
+	for method in m2n2 m2n2-no-crossover m2n2-no-splitpoint m2n2-no-attraction ga ga-no-crossover map-elites sep-cma-es; do \
 	  $(BIN)/python experiments/from_scratch.py --method $$method --runs 10 --forward-passes 50000 \
 	    --seed 42 --out experiments/results/from_scratch || exit 1; \
 	done

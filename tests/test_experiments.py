@@ -38,3 +38,13 @@ def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
 def test_from_scratch_rejects_bad_arguments(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         from_scratch.main(argv + ["--out", str(tmp_path), "--no-progress", "--hidden", "8"])
+
+
+def test_from_scratch_runs_the_evosax_baselines(tmp_path):
+    record = from_scratch.main(["--method", "sep-cma-es", "--runs", "2", "--forward-passes", "200", "--population", "20",
+                                "--out", str(tmp_path), "--hidden", "8", "--no-progress"])
+    assert CONTRACT <= set(record) and record["curve"]["forward_passes"] == [100, 200]
+    assert record["population"] == 20 and record["std_init"] == 0.01
+    with pytest.raises(SystemExit, match="multiple of the population"):
+        from_scratch.main(["--method", "cma-es", "--forward-passes", "210", "--out", str(tmp_path),
+                           "--hidden", "8", "--no-progress"])
