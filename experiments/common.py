@@ -55,6 +55,7 @@ def result_record(method: str, seeds: list[int], result: mj.RunResult, **extra) 
             "test_accuracy_mean": test.mean(axis=0).tolist(),
             "test_accuracy_stderr": stderr.tolist(),
             "train_accuracy_mean": result.train_accuracy.mean(axis=0).tolist(),
+            "wall_seconds": None if result.log_wall_seconds is None else result.log_wall_seconds.tolist(),
         },
         "test_accuracy_runs": test.tolist(),
         "wall_seconds": result.wall_seconds,

@@ -55,16 +55,23 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str) -> None:
+def plot(records: list[dict], path: str, time_axis: bool = False) -> None:
+    """Mean ± stderr test accuracy against forward passes, or against wall seconds
+    (the time at which each point was available, for time-to-accuracy)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if time_axis:
+        records = [r for r in records if r["curve"].get("wall_seconds")]
+        if not records:
+            raise SystemExit("error: no result in this directory recorded wall times per logged point")
     for r in records:
         c = r["curve"]
-        x, mean, err = c["forward_passes"], c["test_accuracy_mean"], c["test_accuracy_stderr"]
+        x = c["wall_seconds"] if time_axis else c["forward_passes"]
+        mean, err = c["test_accuracy_mean"], c["test_accuracy_stderr"]
         line, = ax.plot(x, mean, label=f"{r['method']} ({100 * r['final_test_accuracy_mean']:.1f} %)")
         ax.fill_between(x, [m - e for m, e in zip(mean, err)], [m + e for m, e in zip(mean, err)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     runs = sorted({r["runs"] for r in records})
-    ax.set_xlabel("forward passes")
+    ax.set_xlabel("wall seconds (all runs of a method together, one machine)" if time_axis else "forward passes")
     ax.set_ylabel("test accuracy (best-train model)")
     init = records[0].get("specialist_init")
     title = records[0].get("experiment", "") + (f" (specialists: {init})" if init else "")
@@ -79,11 +86,12 @@ def plot(records: list[dict], path: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir")
-    p.add_argument("--out", help="PNG path (default DIR/curves.png)")
+    p.add_argument("--out", help="PNG path (default DIR/curves.png, or DIR/time_to_accuracy.png with --time)")
+    p.add_argument("--time", action="store_true", help="x axis: wall seconds instead of forward passes")
     args = p.parse_args(argv)
     records = load(args.dir)
-    out = args.out or os.path.join(args.dir, "curves.png")
-    plot(records, out)
+    out = args.out or os.path.join(args.dir, "time_to_accuracy.png" if args.time else "curves.png")
+    plot(records, out, args.time)
     print(table(records))
     print(f"plot -> {out}")
 

@@ -39,6 +39,8 @@ class RunResult:
       state: final algorithm state of every run, stacked (leading axis R).
       best_params: the best-train model of every run, stacked (leading axis R).
       wall_seconds: time of the evolution, compilation included.
+      log_wall_seconds: (L,) wall time when each logged point was available on the
+        host (the end of its compiled chunk), for time-to-accuracy plots.
     """
 
     passes: np.ndarray
@@ -47,6 +49,7 @@ class RunResult:
     state: Any
     best_params: Any
     wall_seconds: float
+    log_wall_seconds: np.ndarray | None = None
 
     @property
     def final_test_accuracy(self) -> np.ndarray:
@@ -171,6 +174,7 @@ def run(
     state, seed_scores, (train0, test0) = start(shared_seeds if seeds is None else seeds, init_keys, data, test_data)
     check_scores(seed_scores, m, "seed models")
     trains, tests = [np.asarray(train0)[:, None]], [np.asarray(test0)[:, None]]
+    stamps = [np.full(1, time.perf_counter() - t0)]
     bar = tqdm(total=num_runs * forward_passes, unit="pass", disable=not progress, desc="evolving")
     bar.update(num_runs * num_seeds)
     for c in range(num_calls):
@@ -184,6 +188,7 @@ def run(
             )
         trains.append(np.asarray(train))
         tests.append(np.asarray(test))
+        stamps.append(np.full(call_steps, time.perf_counter() - t0))
         bar.update(num_runs * min(call_steps, num_steps - c * call_steps))
     bar.close()
     mask = log_mask(num_seeds, forward_passes, log_every)
@@ -199,6 +204,7 @@ def run(
         state=state,
         best_params=best_params,
         wall_seconds=time.perf_counter() - t0,
+        log_wall_seconds=np.concatenate(stamps)[: num_steps + 1][mask],
     )
 
 

@@ -27,6 +27,9 @@ def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
     assert record["curve"]["forward_passes"] == [100, 120]
     plot.main([str(tmp_path)])
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert len(record["curve"]["wall_seconds"]) == 2
+    plot.main([str(tmp_path), "--time"])
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -32,6 +32,8 @@ def test_every_method_runs_end_to_end(method):
     np.testing.assert_array_equal(result.passes, np.arange(10, 61, 10))
     assert result.test_accuracy.shape == (3, 6) and np.all(np.isfinite(result.test_accuracy))
     assert np.all((result.test_accuracy >= 0) & (result.test_accuracy <= 1))
+    stamps = result.log_wall_seconds
+    assert stamps.shape == (6,) and np.all(np.diff(stamps) >= 0) and stamps[-1] <= result.wall_seconds
     # The logged train accuracy is the archive's best and never decreases.
     assert np.all(np.diff(result.train_accuracy, axis=1) >= 0)
     chex.assert_tree_all_finite(result.best_params)

@@ -79,12 +79,13 @@ def run_es(
     start, advance, unravel = _program(name, init_fn, score_fn, population_size, float(std_init), call)
     t0 = time.perf_counter()
     states = start(keys)
-    trains, tests = [], []
+    trains, tests, stamps = [], [], []
     bar = tqdm(total=num_runs * forward_passes, unit="pass", disable=not progress, desc=name)
     for c in range(-(-generations // call)):
         states, (train, test) = advance(states, keys, c * call, generations, data, test_data)
         trains.append(np.asarray(train))
         tests.append(np.asarray(test))
+        stamps.append(np.full(call, time.perf_counter() - t0))
         bar.update(num_runs * population_size * min(call, generations - c * call))
     bar.close()
     mask = es_log_mask(generations, population_size, log_every)
@@ -97,6 +98,7 @@ def run_es(
         state=states,
         best_params=best,
         wall_seconds=time.perf_counter() - t0,
+        log_wall_seconds=np.concatenate(stamps)[:generations][mask],
     )
 
 
