@@ -165,3 +165,13 @@ def test_runs_sharded_over_devices_equal_one_device():
     three = mj.run(keys[:3], *args[1:], test_data=TEST, log_every=10, progress=False)
     assert three.test_accuracy.shape == (3, 6) and three.state.scores.shape[0] == 3
     np.testing.assert_allclose(three.test_accuracy, one.test_accuracy[:3])
+
+
+def test_capacity_vector_of_ones_changes_nothing_and_other_capacities_do():
+    config = mj.Config(mutation_std=0.05)
+    args = (KEYS, SEEDS, SCORE_FN, TRAIN, 60)
+    plain = mj.run(*args, mj.m2n2(config), log_every=10, progress=False)
+    ones = mj.run(*args, mj.m2n2(config, jnp.ones(90)), log_every=10, progress=False)
+    chex.assert_trees_all_equal(plain.state, ones.state)
+    weighted = mj.run(*args, mj.m2n2(config, jnp.linspace(0.1, 2.0, 90)), log_every=10, progress=False)
+    assert not np.array_equal(plain.state.scores, weighted.state.scores)
