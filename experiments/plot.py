@@ -45,7 +45,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         experiment = r.get("experiment", "")
         paper = PAPER.get(experiment, {}).get(r["method"])
-        if r["forward_passes"] != PAPER_BUDGET.get(experiment) or r.get("specialist_init", "paper") != "paper":
+        if (r["forward_passes"] != PAPER_BUDGET.get(experiment) or r.get("specialist_init", "paper") != "paper"
+                or r.get("hidden", 256) != 256):
             paper = None
         lines.append(
             f"{r['method']:<22}{r['runs']:>5}{r['forward_passes']:>9}"
