@@ -32,8 +32,8 @@ from specialists import CACHE, HALVES, half_accuracy, load_or_train  # noqa: E40
 METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "brute-force")
 
 
-def brute_force(args, score_fn, train, test, specialists) -> mj.RunResult:
-    """The best-on-train slerp ratio, as a RunResult whose curve is flat."""
+def brute_force(args, score_fn, train, test, specialists) -> tuple[mj.RunResult, float]:
+    """The best-on-train slerp ratio, as a RunResult whose curve is flat, and the ratio."""
     t0 = time.perf_counter()
     ratios, train_scores = slerp_ratio_search(*specialists, score_fn, train, args.forward_passes)
     best = int(np.argmax(np.asarray(train_scores)))

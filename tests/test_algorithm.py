@@ -71,7 +71,6 @@ def test_empty_slots_fill_first_and_are_never_parents(rng):
     assert bool(new.occupied[2])
     for i in range(50):
         k = jax.random.key(i)
-        _, fitness = mj.resource_fitness(state.scores)
         a, b = mj.sample_parents(k, *mj.resource_fitness(state.scores), state.occupied)
         assert int(a) < 2 and int(b) < 2
 

@@ -24,6 +24,7 @@ def test_es_improves_on_a_tiny_problem_and_counts_passes_exactly(name):
                     test_data=(X, Y), log_every=100, progress=False)
     np.testing.assert_array_equal(result.passes, np.arange(100, 601, 100))
     assert result.log_wall_seconds.shape == (6,) and np.all(np.diff(result.log_wall_seconds) >= 0)
+    assert np.all(np.isfinite(result.test_accuracy)), "every logged generation has its test accuracy"
     assert int(result.state.generation_counter[0]) == 60  # 600 passes = 10 x 60 generations
     start = float(SCORE_FN(INIT(jax.random.split(KEYS[0])[0]), (X, Y)).mean())
     assert np.all(result.final_train_accuracy > max(start, 0.6))

@@ -82,7 +82,7 @@ def run_es(
     trains, tests, stamps = [], [], []
     bar = tqdm(total=num_runs * forward_passes, unit="pass", disable=not progress, desc=name)
     for c in range(-(-generations // call)):
-        states, (train, test) = advance(states, keys, c * call, generations, data, test_data)
+        states, (train, test) = advance(states, keys, c * call, generations, log_every, data, test_data)
         trains.append(np.asarray(train))
         tests.append(np.asarray(test))
         stamps.append(np.full(call, time.perf_counter() - t0))
@@ -104,7 +104,7 @@ def run_es(
 
 @functools.lru_cache(maxsize=16)
 def _program(name, init_fn, score_fn, population_size, std_init, call):
-    """Jitted start(keys) and advance(states, keys, first, generations, data, test),
+    """Jitted start(keys) and advance(states, keys, first, generations, log_every, data, test),
     cached so repeated runs reuse compilations; and the solution's unravel function."""
     template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init_fn, jax.random.key(0)))
     unravel = ravel_pytree(template)[1]
@@ -119,7 +119,7 @@ def _program(name, init_fn, score_fn, population_size, std_init, call):
         return jax.lax.map(one, keys)
 
     @jax.jit
-    def advance(states, keys, first, generations, data, test):
+    def advance(states, keys, first, generations, log_every, data, test):
         def one(args):
             state, k = args
 
@@ -134,8 +134,11 @@ def _program(name, init_fn, score_fn, population_size, std_init, call):
                     return state
 
                 state = jax.lax.cond(g < generations, step, lambda s: s, state)
-                best = unravel(state.best_solution)
-                test_acc = jnp.nan if test is None else evaluate(score_fn, best, test).mean()
+                passes = (g + 1) * population_size
+                logged = (passes // log_every > (passes - population_size) // log_every) | (g == generations - 1)
+                test_acc = jnp.float32(jnp.nan) if test is None else jax.lax.cond(
+                    logged, lambda s: evaluate(score_fn, unravel(s.best_solution), test).mean(),
+                    lambda s: jnp.float32(jnp.nan), state)
                 return state, (-state.best_fitness, test_acc)
 
             return jax.lax.scan(generation, state, jnp.arange(call))
