@@ -87,7 +87,30 @@ def make_parser(doc: str, methods, forward_passes: int, out: str, mutation_std: 
     p.add_argument("--mutation-std", type=float, default=mutation_std)
     p.add_argument("--log-every", type=int, default=100, help="log every this many passes")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save the full run state with orbax every this many passes (into --checkpoint-dir)")
+    p.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints/METHOD")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run checkpointed in DIR (same command line otherwise); keeps checkpointing there")
     return p
+
+
+# Arguments that do not change a run's result, so a resumed run may differ in them.
+_VOLATILE = {"out", "no_progress", "checkpoint_every", "checkpoint_dir", "resume"}
+
+
+def checkpointing(args, experiment: str) -> mj.Checkpointing | None:
+    """The run's `Checkpointing` from --checkpoint-every / --checkpoint-dir / --resume."""
+    if args.resume is None and args.checkpoint_every is None:
+        return None
+    meta = {"experiment": experiment, **{k: v for k, v in sorted(vars(args).items()) if k not in _VOLATILE}}
+    every = args.checkpoint_every or 1000
+    if args.resume is not None:
+        if not os.path.isdir(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint directory")
+        return mj.Checkpointing(args.resume, every, resume=True, meta=meta)
+    directory = args.checkpoint_dir or os.path.join(args.out, "checkpoints", args.method)
+    return mj.Checkpointing(directory, every, meta=meta)
 
 
 def check_args(args, methods) -> None:
@@ -106,6 +129,7 @@ def evolve(args, experiment: str, seed_models, score_fn, train, test, descriptor
         result = mj.run(
             run_keys(args.seed, args.runs), seed_models, score_fn, train, args.forward_passes, algo,
             test_data=test, log_every=args.log_every, progress=not args.no_progress,
+            checkpoint=checkpointing(args, experiment),
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}")

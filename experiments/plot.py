@@ -68,11 +68,15 @@ def plot(records: list[dict], path: str, time_axis: bool = False) -> None:
         c = r["curve"]
         x = c["wall_seconds"] if time_axis else c["forward_passes"]
         mean, err = c["test_accuracy_mean"], c["test_accuracy_stderr"]
-        line, = ax.plot(x, mean, label=f"{r['method']} ({100 * r['final_test_accuracy_mean']:.1f} %)")
+        label = f"{r['method']} ({100 * r['final_test_accuracy_mean']:.1f} %"
+        label += f", {r['runs']} runs x {r['forward_passes']:,} passes)" if time_axis else ")"
+        line, = ax.plot(x, mean, marker="o" if len(x) < 10 else None, markersize=3, label=label)
         ax.fill_between(x, [m - e for m, e in zip(mean, err)], [m + e for m, e in zip(mean, err)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     runs = sorted({r["runs"] for r in records})
     ax.set_xlabel("wall seconds (all runs of a method together, one machine)" if time_axis else "forward passes")
+    if time_axis:
+        ax.set_xscale("log")
     ax.set_ylabel("test accuracy (best-train model)")
     init = records[0].get("specialist_init")
     title = records[0].get("experiment", "") + (f" (specialists: {init})" if init else "")

@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 from m2n2_jax import algorithm as m2n2
 from m2n2_jax import archive as archive_lib
 from m2n2_jax.algorithm import Algorithm
+from m2n2_jax.checkpoint import Checkpointing, Store
 from m2n2_jax.checks import check_finite_params, check_scores, stack_models, valid_child
 from m2n2_jax.scoring import evaluate, num_points
+from m2n2_jax.sharding import check_mesh, default_mesh, pad_points, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,8 @@ def run(
     steps_per_call: int | None = None,
     vectorize: str = "map",
     devices: Sequence[jax.Device] | None = None,
+    mesh: Mesh | None = None,
+    checkpoint: Checkpointing | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Evolve for `forward_passes` forward passes, one run per key.
@@ -111,11 +115,22 @@ def run(
       chunk_size: evaluate datapoints in chunks of this many (memory bound).
       steps_per_call: steps per compiled call (progress granularity).
       vectorize: "map" (lax.map over runs) or "vmap".
-      devices: devices to spread the runs over (default `jax.local_devices()`), with
-        `shard_map` over a one-axis Mesh; R is padded to a multiple of their number
-        with copies of the last run, which are dropped from the result. On a CPU, forcing one XLA device per core
+      devices: devices to spread the runs over (one per run at most; default
+        `jax.devices()`). On a CPU, forcing one XLA device per core
         (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before importing
         jax) lets runs use every core.
+      mesh: instead of `devices`, a Mesh with axes ("runs", "data") (`make_mesh`):
+        runs are split over "runs" and the datapoints over "data" (each device
+        scores its slice; the scores are gathered). By default, runs take as many
+        devices as there are runs and the rest share the datapoints. R is padded to
+        a multiple of the "runs" axis with copies of the last run, dropped from the
+        result; M with copies of the last datapoint, whose scores are dropped.
+        Results do not depend on the mesh (up to float rounding).
+      checkpoint: `Checkpointing(directory, every, resume)`: save the full run state
+        with orbax when the pass count crosses a multiple of `every` (and at the end);
+        with resume=True, continue from the latest checkpoint. A resumed run ends
+        bit-identical to an uninterrupted one (steps draw keys by index); its wall
+        stamps continue from the checkpoint's, excluding the downtime.
 
     Returns:
       RunResult.
@@ -133,10 +148,15 @@ def run(
         num_points(test_data)
         if jax.tree.structure(test_data) != jax.tree.structure(data):
             raise ValueError("test_data must have the same pytree structure as data")
-    devices = tuple(jax.local_devices() if devices is None else devices)[:num_runs]
+    if mesh is not None and devices is not None:
+        raise ValueError("pass devices or mesh, not both")
+    mesh = check_mesh(mesh) if mesh is not None else default_mesh(num_runs, devices)
+    if devices is not None and mesh.shape["data"] > 1:  # `devices` spreads runs only
+        mesh = default_mesh(mesh.shape["runs"], list(mesh.devices.flat)[: mesh.shape["runs"]])
+    run_devices, data_devices = mesh.shape["runs"], mesh.shape["data"]
     # Pad the runs to a multiple of the devices with copies of the last run; dropped at the end.
-    padded = keys if num_runs % len(devices) == 0 else jnp.concatenate(
-        [keys, jnp.repeat(keys[-1:], -num_runs % len(devices), axis=0)])
+    padded = keys if num_runs % run_devices == 0 else jnp.concatenate(
+        [keys, jnp.repeat(keys[-1:], -num_runs % run_devices, axis=0)])
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
 
     if callable(seed_models):
@@ -161,39 +181,64 @@ def run(
 
     num_steps = forward_passes - num_seeds
     call_steps = max(1, min(num_steps, steps_per_call or max(100, -(-num_steps // 20))))
-    num_calls = -(-num_steps // call_steps) if num_steps else 0
+    if checkpoint is not None:  # a checkpoint at least every `every` passes
+        call_steps = min(call_steps, checkpoint.every)
+    m_test = None if test_data is None else num_points(test_data)
     start, advance = _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize,
-                              shared_seeds is not None, devices)
+                              shared_seeds is not None, mesh, m, m_test)
     # Inputs may be committed to one device (e.g. restored from a checkpoint): place
-    # the shared ones on every device of the mesh, replicated.
-    replicated = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec())
-    data, test_data = jax.device_put((data, test_data), replicated)
+    # them on the mesh, the datapoints split over "data", the shared seeds replicated.
+    points = NamedSharding(mesh, PartitionSpec("data"))
+    data, test_data = jax.device_put((pad_points(data, data_devices), pad_points(test_data, data_devices)), points)
     if shared_seeds is not None:
-        shared_seeds = jax.device_put(shared_seeds, replicated)
+        shared_seeds = jax.device_put(shared_seeds, NamedSharding(mesh, PartitionSpec()))
+    store = None
+    if checkpoint is not None:
+        store = Store(checkpoint, {
+            "forward_passes": int(forward_passes), "num_runs": int(num_runs), "num_seeds": int(num_seeds),
+            "log_every": log_every,
+            "params": [[list(x.shape[1:]), str(x.dtype)] for x in jax.tree.leaves(stacked)],
+        })
+        store.check_fresh()
     t0 = time.perf_counter()
     state, seed_scores, (train0, test0) = start(shared_seeds if seeds is None else seeds, init_keys, data, test_data)
-    check_scores(seed_scores, m, "seed models")
-    trains, tests = [np.asarray(train0)[:, None]], [np.asarray(test0)[:, None]]
+    check_scores(to_host(seed_scores), m, "seed models")
+    trains, tests = [to_host(train0)[:, None]], [to_host(test0)[:, None]]
     stamps = [np.full(1, time.perf_counter() - t0)]
+    done = 0
+    resumed_at = store.latest() if store is not None and checkpoint.resume else None
+    if resumed_at is not None:
+        done = resumed_at - num_seeds
+        state, train, test, wall = store.restore(resumed_at, state, padded, done + 1)
+        trains, tests, stamps = [train], [test], [wall]
+        t0 = time.perf_counter() - wall[-1]
     bar = tqdm(total=num_runs * forward_passes, unit="pass", disable=not progress, desc="evolving")
-    bar.update(num_runs * num_seeds)
-    for c in range(num_calls):
-        state, (train, test, ok) = advance(state, evo_keys, c * call_steps, num_steps, data, test_data)
-        ok = np.asarray(ok)
+    bar.update(num_runs * (num_seeds + done))
+    while done < num_steps:
+        state, (train, test, ok) = advance(state, evo_keys, done, num_steps, data, test_data)
+        step = min(call_steps, num_steps - done)
+        ok = to_host(ok)[:, :step]
         if not ok.all():
             r, i = np.argwhere(~ok)[0]
             raise ValueError(
-                f"run {r}: the child at pass {num_seeds + c * call_steps + i + 1} had non-finite parameters "
+                f"run {r}: the child at pass {num_seeds + done + i + 1} had non-finite parameters "
                 "or scores outside [0, 1]; check the model and score_fn"
             )
-        trains.append(np.asarray(train))
-        tests.append(np.asarray(test))
-        stamps.append(np.full(call_steps, time.perf_counter() - t0))
-        bar.update(num_runs * min(call_steps, num_steps - c * call_steps))
+        trains.append(to_host(train)[:, :step])
+        tests.append(to_host(test)[:, :step])
+        stamps.append(np.full(step, time.perf_counter() - t0))
+        bar.update(num_runs * step)
+        passes, done = num_seeds + done + step, done + step
+        if store is not None and (passes // checkpoint.every > (passes - step) // checkpoint.every
+                                  or done == num_steps):
+            store.save(passes, state, padded, np.concatenate(trains, axis=1), np.concatenate(tests, axis=1),
+                       np.concatenate(stamps))
+    if store is not None and num_steps == 0 and resumed_at is None:
+        store.save(num_seeds, state, padded, trains[0], tests[0], stamps[0])
     bar.close()
     mask = log_mask(num_seeds, forward_passes, log_every)
-    train_all = np.concatenate(trains, axis=1)[:num_runs, : num_steps + 1][:, mask]
-    test_all = np.concatenate(tests, axis=1)[:num_runs, : num_steps + 1][:, mask]
+    train_all = np.concatenate(trains, axis=1)[:num_runs, mask]
+    test_all = np.concatenate(tests, axis=1)[:num_runs, mask]
     state = jax.tree.map(lambda x: x[:num_runs], state)
     best_params = jax.vmap(lambda s: archive_lib.get(s, algo.best(s)))(state)
     jax.block_until_ready(best_params)
@@ -204,22 +249,30 @@ def run(
         state=state,
         best_params=best_params,
         wall_seconds=time.perf_counter() - t0,
-        log_wall_seconds=np.concatenate(stamps)[: num_steps + 1][mask],
+        log_wall_seconds=np.concatenate(stamps)[mask],
     )
 
 
 @functools.lru_cache(maxsize=32)
-def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize, shared, devices):
+def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vectorize, shared, mesh, m, m_test):
     """The two jitted functions of a run, cached so repeated runs reuse compilations.
 
-    Both are wrapped in `shard_map` over a Mesh of `devices` with one axis "runs":
-    each device evolves its share of the runs; data and step counters are replicated.
+    Both are wrapped in `shard_map` over `mesh` (axes "runs", "data"): each group of
+    devices along "data" evolves its share of the runs, each member scoring its slice
+    of the M (padded) datapoints; step counters are replicated.
 
     start(seeds, run_keys, data, test) -> (states, seed_scores, (train, test))
     advance(states, run_keys, first_step, num_steps, data, test)
         -> (states, (train, test, ok)), each (R, call_steps)
     """
-    evaluate_fn = lambda params, batch: evaluate(score_fn, params, batch, chunk_size)
+    split_data = mesh.shape["data"] > 1
+
+    def evaluate_fn(params, batch, total):
+        """(total,) scores; with split data, this device's slice gathered from all."""
+        scores = evaluate(score_fn, params, batch, chunk_size)
+        if not split_data:
+            return scores
+        return jax.lax.all_gather(scores, "data", tiled=True)[:total]
     batch = jax.lax.map if vectorize == "map" else (lambda f, xs: jax.vmap(f)(xs))
     nan = jnp.float32(jnp.nan)
 
@@ -228,13 +281,13 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
         train = state.scores[b].mean()
         if test is None:
             return train, nan
-        return train, evaluate_fn(archive_lib.get(state, b), test).mean()
+        return train, evaluate_fn(archive_lib.get(state, b), test, m_test).mean()
 
     def start(seeds, run_keys, data, test):
         def one(args):
             run_seeds, k = args
             run_seeds = seeds if shared else run_seeds
-            scores = jax.vmap(evaluate_fn, in_axes=(0, None))(run_seeds, data)
+            scores = jax.vmap(evaluate_fn, in_axes=(0, None, None))(run_seeds, data, m)
             state = algo.init(k, run_seeds, scores)
             return state, scores, log(state, test)
 
@@ -253,7 +306,7 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
 
                 def evolve(state):
                     child = algo.ask(k, state)
-                    scores = evaluate_fn(child, data)
+                    scores = evaluate_fn(child, data, m)
                     ok = valid_child(child, scores)
                     state = jax.lax.cond(ok, lambda s: algo.tell(s, child, scores), lambda s: s, state)
                     return state, ok
@@ -268,11 +321,10 @@ def _program(algo, score_fn, num_seeds, call_steps, log_every, chunk_size, vecto
 
         return batch(one, (states, run_keys))
 
-    mesh = Mesh(np.array(devices), ("runs",))
-    runs, replicated = PartitionSpec("runs"), PartitionSpec()
+    runs, replicated, points = PartitionSpec("runs"), PartitionSpec(), PartitionSpec("data")
     seeds_spec = replicated if shared else runs
-    start = jax.shard_map(start, mesh=mesh, in_specs=(seeds_spec, runs, replicated, replicated),
+    start = jax.shard_map(start, mesh=mesh, in_specs=(seeds_spec, runs, points, points),
                           out_specs=runs, check_vma=False)
-    advance = jax.shard_map(advance, mesh=mesh, in_specs=(runs, runs, replicated, replicated, replicated, replicated),
+    advance = jax.shard_map(advance, mesh=mesh, in_specs=(runs, runs, replicated, replicated, points, points),
                             out_specs=runs, check_vma=False)
     return jax.jit(start), jax.jit(advance)

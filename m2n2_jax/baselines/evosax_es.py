@@ -46,6 +46,7 @@ def run_es(
     test_data=None,
     log_every: int = 100,
     generations_per_call: int | None = None,
+    time_limit: float | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Run evosax's `name` ES for `forward_passes` passes, one run per key.
@@ -57,6 +58,12 @@ def run_es(
       score_fn, data, test_data, log_every: as in `m2n2_jax.run`.
       forward_passes: a multiple of `population_size`.
       std_init: the initial step size sigma_0.
+      generations_per_call: generations per compiled call (also the granularity of
+        the wall-time stamps and of `time_limit`).
+      time_limit: seconds; if set, stop after the first call that ends past it. The
+        result then covers only the generations done, and its last point (test score
+        of the best solution so far) is at the passes actually spent. For honest
+        bounded runs where the full budget is out of reach (full CMA-ES at large D).
 
     Returns:
       RunResult; `state` holds the final evosax states (leading axis R).
@@ -71,6 +78,10 @@ def run_es(
                          f"got {forward_passes!r}")
     if not std_init > 0:
         raise ValueError(f"std_init must be > 0, got {std_init!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
+    if generations_per_call is not None and (not isinstance(generations_per_call, int) or generations_per_call < 1):
+        raise ValueError(f"generations_per_call must be an int >= 1, got {generations_per_call!r}")
     keys = _as_run_keys(key)
     num_runs = keys.shape[0]
     num_points(data)
@@ -81,26 +92,41 @@ def run_es(
     states = start(keys)
     trains, tests, stamps = [], [], []
     bar = tqdm(total=num_runs * forward_passes, unit="pass", disable=not progress, desc=name)
-    for c in range(-(-generations // call)):
-        states, (train, test) = advance(states, keys, c * call, generations, log_every, data, test_data)
-        trains.append(np.asarray(train))
-        tests.append(np.asarray(test))
-        stamps.append(np.full(call, time.perf_counter() - t0))
-        bar.update(num_runs * population_size * min(call, generations - c * call))
+    done = 0
+    while done < generations:
+        states, (train, test) = advance(states, keys, done, generations, log_every, data, test_data)
+        step = min(call, generations - done)
+        done += step
+        trains.append(np.asarray(train)[:, :step])
+        tests.append(np.asarray(test)[:, :step])
+        stamps.append(np.full(step, time.perf_counter() - t0))
+        bar.update(num_runs * population_size * step)
+        if time_limit is not None and time.perf_counter() - t0 >= time_limit:
+            break
     bar.close()
-    mask = es_log_mask(generations, population_size, log_every)
+    train, test, stamp = (np.concatenate(a, axis=-1) for a in (trains, tests, stamps))
+    mask = es_log_mask(generations, population_size, log_every)[:done]
     best = jax.vmap(unravel)(states.best_solution)
+    if done < generations:  # stopped by time_limit: score the last generation too
+        mask[-1] = True
+        if test_data is not None:
+            test[:, -1] = np.asarray(_score_all(score_fn, best, test_data))
     jax.block_until_ready(best)
     return RunResult(
-        passes=population_size * np.arange(1, generations + 1)[mask],
-        test_accuracy=np.concatenate(tests, axis=1)[:, :generations][:, mask],
-        train_accuracy=np.concatenate(trains, axis=1)[:, :generations][:, mask],
+        passes=population_size * np.arange(1, done + 1)[mask],
+        test_accuracy=test[:, mask],
+        train_accuracy=train[:, mask],
         state=states,
         best_params=best,
         wall_seconds=time.perf_counter() - t0,
-        log_wall_seconds=np.concatenate(stamps)[:generations][mask],
+        log_wall_seconds=stamp[mask],
     )
 
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_all(score_fn, params, data):
+    """(R,) mean score of each of R stacked models."""
+    return jax.lax.map(lambda p: evaluate(score_fn, p, data).mean(), params)
 
 @functools.lru_cache(maxsize=16)
 def _program(name, init_fn, score_fn, population_size, std_init, call):

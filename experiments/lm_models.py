@@ -1,0 +1,108 @@
+"""The base language model and its two specialists for experiments/lm_skills.py.
+
+The base is pre-trained briefly with Adam on a mixture of skills (mostly copying
+strings, a little addition and reversal); the addition and reversal specialists are
+fine-tuned from it, each on its own skill only, with a smaller learning rate. All
+training data exclude the test questions. The three models are trained once per
+setting and cached with orbax under experiments/cache/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from m2n2_jax.data import skills
+from m2n2_jax.models.transformer import Transformer, sequence_loss
+
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
+SPECIALISTS = ("addition", "reversal")  # specialist_a, specialist_b
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Model size and training schedule (part of the cache key)."""
+
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    batch: int = 128
+    base_steps: int = 1500
+    base_lr: float = 1e-3
+    base_mixture: tuple = (("copy", 0.6), ("addition", 0.2), ("reversal", 0.2))
+    finetune_steps: int = 600
+    finetune_lr: float = 3e-4
+    pool: int = 60_000  # training questions per model, sampled into batches
+    seed: int = 0
+
+    def tag(self) -> str:
+        mix = "-".join(f"{k[0]}{w:g}" for k, w in self.base_mixture)
+        return (f"lm_d{self.d_model}_l{self.num_layers}_h{self.num_heads}_b{self.batch}_base{self.base_steps}"
+                f"_lr{self.base_lr:g}_{mix}_ft{self.finetune_steps}_lr{self.finetune_lr:g}_p{self.pool}_s{self.seed}")
+
+
+def make_model(t: Training) -> Transformer:
+    return Transformer(len(skills.VOCAB), skills.PROMPT_LEN + skills.ANSWER_LEN - 1,
+                       d_model=t.d_model, num_layers=t.num_layers, num_heads=t.num_heads)
+
+
+def train(model, params, data, steps: int, learning_rate: float, batch: int, key):
+    """`params` after `steps` Adam steps (cosine-decayed rate) on minibatches drawn
+    from data = (prompts (n, P), answers (n, A)); returns (params, losses (steps,))."""
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1))
+    prompts, answers = data
+
+    def step(carry, k):
+        params, opt_state = carry
+        idx = jax.random.randint(k, (batch,), 0, prompts.shape[0])
+        loss, grads = jax.value_and_grad(lambda p: sequence_loss(model, p, prompts[idx], answers[idx]))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, steps))
+    return params, losses
+
+
+def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
+    """{"base", "addition", "reversal"} params, from the orbax cache or trained and cached.
+
+    `exclude`: prompts (the test questions) that no training question may use. The
+    two fine-tunes run at the same time, one per device when there are two.
+    """
+    model = make_model(t)
+    path = os.path.join(os.path.abspath(cache), t.tag())
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, model.max_len), jnp.int32))
+    checkpointer = ocp.StandardCheckpointer()
+    if os.path.isdir(path):
+        return dict(checkpointer.restore(path, {k: template for k in ("base",) + SPECIALISTS}))
+    rng = np.random.default_rng(t.seed)
+    k_init, k_base, *k_ft = jax.random.split(jax.random.key(t.seed), 2 + len(SPECIALISTS))
+    train_fn = jax.jit(functools.partial(train, model), static_argnums=(2, 3, 4))
+    t0 = time.perf_counter()
+    mix = skills.mixture(dict(t.base_mixture), t.pool, rng, exclude)
+    base, losses = train_fn(model.init(k_init, jnp.zeros((1, model.max_len), jnp.int32)),
+                            skills.tokenize(mix), t.base_steps, t.base_lr, t.batch, k_base)
+    log(f"base: {t.base_steps} steps, final loss {float(losses[-10:].mean()):.4f}, {time.perf_counter() - t0:.0f} s")
+    devices = jax.local_devices()
+    runs = []
+    for i, (skill, k) in enumerate(zip(SPECIALISTS, k_ft)):  # dispatched asynchronously: both train at once
+        device = devices[i % len(devices)]
+        data = jax.device_put(skills.tokenize(skills.questions(skill, t.pool, rng, exclude)), device)
+        runs.append(train_fn(jax.device_put(base, device), data, t.finetune_steps, t.finetune_lr, t.batch, k))
+    models = {"base": base}
+    for skill, (params, losses) in zip(SPECIALISTS, runs):
+        models[skill] = jax.device_put(params, devices[0])
+        log(f"{skill} specialist: {t.finetune_steps} steps, final loss {float(losses[-10:].mean()):.4f}, "
+            f"{time.perf_counter() - t0:.0f} s")
+    os.makedirs(cache, exist_ok=True)
+    checkpointer.save(path, models)  # orbax writes to a temporary directory and renames it
+    checkpointer.wait_until_finished()
+    return models

@@ -1,0 +1,237 @@
+"""Merging two language-model specialists: the paper's LLM experiment at CPU scale.
+
+    python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
+
+A tiny character transformer is pre-trained briefly on a mixture of skills, then
+fine-tuned into an addition specialist ("123+456=" -> "579", specialist_a) and a
+string-reversal specialist ("r:abcd=" -> "dcba", specialist_b); see
+experiments/lm_models.py (trained once, cached with orbax). A question scores 1 if
+greedy decoding reproduces its whole answer (`exact_match_scores`).
+
+- M2N2 (`m2n2_jax.run`): archive started from the two specialists, no mutation,
+  fitness = exact match on the training questions of both skills.
+- Baselines (`m2n2_jax.merge_ops`): linear, slerp, task arithmetic, TIES and DARE,
+  each with the coefficients of its grid (GRIDS) that score best on the same
+  training questions. DARE draws its drop masks from each run's key, so its values
+  differ between runs; the other operators are deterministic (same value every run).
+
+Reports test exact match per skill for base, both specialists, every operator and
+M2N2: a table on stdout, OUT/lm_skills.png and OUT/lm_skills.json with
+`test_exact_match[method][skill]` (mean over runs) and `test_exact_match_runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_devices import use_all_cores  # noqa: E402
+
+use_all_cores()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import m2n2_jax as mj  # noqa: E402
+from common import device_name, run_keys, write_json  # noqa: E402
+from lm_models import CACHE, SPECIALISTS, Training, load_or_train, make_model  # noqa: E402
+from m2n2_jax import merge_ops  # noqa: E402
+from m2n2_jax.data import skills  # noqa: E402
+from m2n2_jax.models.transformer import exact_match_scores  # noqa: E402
+
+METHODS = ("base", "specialist_a", "specialist_b", "linear", "slerp", "task_arithmetic", "ties", "dare", "m2n2")
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+GRIDS = {  # coefficient name -> values; every combination is one forward pass on the training questions
+    "linear": {"weight": np.linspace(0, 1, 11)},
+    "slerp": {"weight": np.linspace(0, 1, 11)},
+    "task_arithmetic": {"scale": np.linspace(0.3, 1.5, 13)},
+    "ties": {"density": (0.1, 0.2, 0.4, 0.7, 1.0), "scale": SCALES},
+    "dare": {"drop_rate": (0.1, 0.3, 0.5, 0.7, 0.9), "scale": SCALES},
+}
+
+
+def merger(name: str, base, a, b):
+    """(coefficients dict, key) -> merged params, for operator `name`."""
+    return {
+        "linear": lambda c, k: merge_ops.linear(a, b, c["weight"]),
+        "slerp": lambda c, k: merge_ops.slerp(a, b, c["weight"]),
+        "task_arithmetic": lambda c, k: merge_ops.task_arithmetic(base, a, b, c["scale"]),
+        "ties": lambda c, k: merge_ops.ties(base, a, b, c["density"], c["scale"]),
+        "dare": lambda c, k: merge_ops.dare(k, base, a, b, c["drop_rate"], c["scale"]),
+    }[name]
+
+
+def grid(name: str) -> dict[str, np.ndarray]:
+    """Every combination of the operator's coefficients, as arrays of one length."""
+    names = list(GRIDS[name])
+    combos = list(itertools.product(*(GRIDS[name][n] for n in names)))
+    return {n: np.asarray([c[i] for c in combos], np.float32) for i, n in enumerate(names)}
+
+
+def best_merges(name, models, score_fn, train, keys):
+    """For each key: (merged params, chosen coefficients, their mean training score)
+    of operator `name` (the key only matters to DARE); one compilation for all keys."""
+    merge = merger(name, models["base"], *(models[s] for s in SPECIALISTS))
+    coeffs = grid(name)
+    search = jax.jit(lambda c, k: jax.lax.map(lambda ci: score_fn(merge(ci, k), train).mean(), c))
+    found = []
+    for key in keys:
+        scores = np.asarray(search(coeffs, key))
+        i = int(np.argmax(scores))  # first on ties
+        chosen = {n: round(float(v[i]), 4) for n, v in coeffs.items()}
+        found.append((merge({n: v[i] for n, v in coeffs.items()}, key), chosen, float(scores[i])))
+    return found
+
+
+def skill_data(questions_per_skill: int, rng, exclude=frozenset()):
+    """{skill: (prompts, answers)} with distinct questions avoiding `exclude`."""
+    return {s: tuple(map(jnp.asarray, skills.tokenize(skills.questions(s, questions_per_skill, rng, exclude))))
+            for s in SPECIALISTS}
+
+
+def concat(data: dict):
+    return tuple(jnp.concatenate(parts) for parts in zip(*data.values()))
+
+
+def plot(path: str, means: dict, stderr: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = np.arange(len(METHODS))
+    for j, skill in enumerate(SPECIALISTS + ("mean",)):
+        ax.bar(x + (j - 1) * 0.27, [100 * means[m][skill] for m in METHODS], 0.27, label=skill,
+               yerr=[100 * stderr[m][skill] for m in METHODS], capsize=2)
+    ax.set_xticks(x, METHODS, rotation=20)
+    ax.set_ylabel("test exact match (%)")
+    ax.set_ylim(0, 115)
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(ncol=3, loc="upper center")
+    ax.set_title("Merging an addition and a reversal specialist (mean over runs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=4, help="independent runs (seeds) of M2N2 and DARE")
+    p.add_argument("--forward-passes", type=int, default=1000, help="M2N2 budget per run, seeds included")
+    p.add_argument("--seed", type=int, default=42, help="first seed; runs use seed .. seed+runs-1")
+    p.add_argument("--out", default="experiments/results/lm_skills", help="output directory")
+    p.add_argument("--archive-size", type=int, default=20)
+    p.add_argument("--train-questions", type=int, default=128, help="fitness questions per skill")
+    p.add_argument("--test-questions", type=int, default=500, help="test questions per skill")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the questions and of training")
+    p.add_argument("--cache", default=CACHE, help="where the trained models are kept (orbax)")
+    p.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(Training):
+        if f.type in ("int", "float") and f.name != "seed":
+            p.add_argument(f"--{f.name.replace('_', '-')}", type={"int": int, "float": float}[f.type],
+                           default=f.default, help="model / training (experiments/lm_models.py)")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.forward_passes < 2:
+        raise SystemExit("error: --runs must be >= 1 and --forward-passes >= 2")
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(args.data_seed)
+    test = skill_data(args.test_questions, rng)
+    test_prompts = {skills.decode(q) for prompts, _ in test.values() for q in np.asarray(prompts)}
+    train = skill_data(args.train_questions, rng, test_prompts)
+    train_all, test_all = concat(train), concat(test)
+    training = Training(seed=args.data_seed, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Training)
+                                                if f.name != "seed" and hasattr(args, f.name)})
+    models = load_or_train(training, test_prompts, args.cache)
+    t_trained = time.perf_counter()
+    model = make_model(training)
+    score_fn = exact_match_scores(model)
+    evaluate = jax.jit(lambda params, data: score_fn(params, data).mean())
+    keys = run_keys(args.seed, args.runs)
+
+    def test_scores(params) -> dict:
+        return {s: float(evaluate(params, test[s])) for s in SPECIALISTS}
+
+    per_run, coefficients, train_score = {}, {}, {}
+    for name, params in (("base", models["base"]), ("specialist_a", models[SPECIALISTS[0]]),
+                         ("specialist_b", models[SPECIALISTS[1]])):
+        per_run[name] = [test_scores(params)] * args.runs
+        train_score[name] = float(evaluate(params, train_all))
+    for name in ("linear", "slerp", "task_arithmetic", "ties", "dare"):
+        merge_keys = [jax.random.fold_in(k, 1) for k in (keys if name == "dare" else keys[:1])]
+        found = best_merges(name, models, score_fn, train_all, merge_keys)
+        per_run[name] = [test_scores(f[0]) for f in found] * (args.runs // len(found))
+        coefficients[name] = [f[1] for f in found]
+        train_score[name] = float(np.mean([f[2] for f in found]))
+        print(f"{name}: coefficients {coefficients[name][0]}, train {train_score[name]:.3f}, test {per_run[name][0]}")
+    t_baselines = time.perf_counter()
+
+    result = mj.run(keys, [models[s] for s in SPECIALISTS], score_fn, train_all, args.forward_passes,
+                    mj.Config(archive_size=args.archive_size, mutation_std=0.0), test_data=test_all,
+                    log_every=args.log_every, progress=not args.no_progress)
+    per_run["m2n2"] = [test_scores(jax.tree.map(lambda x: x[r], result.best_params)) for r in range(args.runs)]
+    train_score["m2n2"] = float(result.final_train_accuracy.mean())
+    t_end = time.perf_counter()
+
+    runs = {m: {s: [r[s] for r in per_run[m]] for s in SPECIALISTS} for m in METHODS}
+    for m in METHODS:
+        runs[m]["mean"] = [float(np.mean([r[s] for s in SPECIALISTS])) for r in per_run[m]]
+    means = {m: {s: float(np.mean(v)) for s, v in runs[m].items()} for m in METHODS}
+    stderr = {m: {s: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for s, v in runs[m].items()}
+              for m in METHODS}
+    baselines = ("linear", "slerp", "task_arithmetic", "ties", "dare")
+    best_baseline = max(baselines, key=lambda m: means[m]["mean"])
+    retention = {s: means["m2n2"][s] / max(means[spec][s], 1e-9)
+                 for s, spec in zip(SPECIALISTS, ("specialist_a", "specialist_b"))}
+    record = {
+        "experiment": "lm_skills",
+        "skills": list(SPECIALISTS),
+        "methods": list(METHODS),
+        "test_exact_match": {m: {s: means[m][s] for s in SPECIALISTS} for m in METHODS},
+        "test_exact_match_mean_of_skills": {m: means[m]["mean"] for m in METHODS},
+        "test_exact_match_stderr": stderr,
+        "test_exact_match_runs": runs,
+        "train_exact_match": train_score,
+        "coefficients": coefficients,
+        "coefficient_grids": {m: {n: [round(float(x), 4) for x in v] for n, v in g.items()} for m, g in GRIDS.items()},
+        "best_baseline": best_baseline,
+        "m2n2_minus_best_baseline": means["m2n2"]["mean"] - means[best_baseline]["mean"],
+        "m2n2_retention_of_specialist_own_skill": retention,
+        "m2n2_curve": {"forward_passes": result.passes.tolist(),
+                       "test_exact_match_mean": result.test_accuracy.mean(0).tolist(),
+                       "train_exact_match_mean": result.train_accuracy.mean(0).tolist()},
+        "runs": args.runs,
+        "seeds": list(range(args.seed, args.seed + args.runs)),
+        "forward_passes": args.forward_passes,
+        "archive_size": args.archive_size,
+        "train_questions_per_skill": args.train_questions,
+        "test_questions_per_skill": args.test_questions,
+        "training": {**dataclasses.asdict(training), "cache": training.tag()},
+        "num_params": mj.num_params(models["base"]),
+        "wall_seconds": {"training_or_cache": t_trained - t_start, "baselines": t_baselines - t_trained,
+                         "m2n2": t_end - t_baselines, "total": t_end - t_start},
+        "jax_version": jax.__version__,
+        "device": device_name(),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "lm_skills.json"), record)
+    plot(os.path.join(args.out, "lm_skills.png"), means, stderr)
+    print(f"\n{'method':<16} {'addition':>9} {'reversal':>9} {'mean':>7}   (test exact match %, {args.runs} runs)")
+    for m in METHODS:
+        print(f"{m:<16} " + " ".join(f"{100 * means[m][s]:>9.1f}" for s in SPECIALISTS)
+              + f" {100 * means[m]['mean']:>7.1f}")
+    print(f"\nM2N2 keeps {100 * retention['addition']:.0f} % / {100 * retention['reversal']:.0f} % of the specialists' "
+          f"own-skill accuracy; best baseline {best_baseline}; M2N2 - best baseline = "
+          f"{100 * record['m2n2_minus_best_baseline']:+.1f} points; {t_end - t_start:.0f} s -> {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

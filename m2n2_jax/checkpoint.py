@@ -1,0 +1,132 @@
+"""Checkpoint and resume a run with orbax-checkpoint: atomic, no pickle.
+
+A checkpoint after `steps` evolution steps holds the full run state:
+  state: every run's algorithm state (archive params, scores, occupancy), as placed
+    on the devices (orbax saves sharded arrays, also across hosts);
+  logs: the runs' key data (R, ...) and the logged values so far, train and test
+    (R, steps + 1), NaN where nothing was logged, and wall stamps (steps + 1,);
+  meta (JSON): what must match to resume (budget, runs, seeds, log_every, the state's
+    shapes and anything the caller adds, e.g. an experiment's command line).
+Orbax writes each checkpoint to a temporary directory and renames it when complete,
+so a run killed mid-save leaves the previous checkpoint intact. The step of a
+checkpoint is the pass count it reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often `run` checkpoints.
+
+    Attributes:
+      directory: the run's checkpoint directory (created if missing).
+      every: checkpoint when the pass count crosses a multiple of this (and at the end).
+      resume: continue from the latest checkpoint in `directory` if there is one. When
+        False, a directory that already holds checkpoints is an error (nothing is
+        overwritten).
+      meta: JSON-serialisable facts that must match on resume (e.g. the command line).
+      keep: how many recent checkpoints to keep.
+    """
+
+    directory: str
+    every: int
+    resume: bool = False
+    meta: Any = None
+    keep: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.every, (int, np.integer)) or self.every < 1:
+            raise ValueError(f"checkpoint every must be an int >= 1 passes, got {self.every!r}")
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {self.keep!r}")
+        try:
+            json.dumps(self.meta)
+        except TypeError as e:
+            raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from e
+
+
+def _jsonable(x):
+    """Round-trip through JSON so that saved and current metas compare equal (tuples -> lists)."""
+    return json.loads(json.dumps(x))
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("state", "logs", "meta"))
+
+
+class Store:
+    """The checkpoints of one run: latest step, save, validated restore."""
+
+    def __init__(self, checkpointing: Checkpointing, meta: dict):
+        self.config = checkpointing
+        self.meta = _jsonable({**meta, "user": checkpointing.meta})
+        self._manager = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:  # created lazily: a failed validation touches nothing
+            self._manager = _manager(self.config.directory, self.config.keep)
+        return self._manager
+
+    def latest(self) -> int | None:
+        """Pass count of the latest complete checkpoint, or None."""
+        if not os.path.isdir(self.config.directory):
+            return None
+        return self.manager.latest_step()
+
+    def check_fresh(self) -> None:
+        """A fresh run must not write into a directory holding another run's checkpoints."""
+        step = self.latest()
+        if step is not None and not self.config.resume:
+            raise ValueError(f"{self.config.directory} already holds a checkpoint (pass {step}); "
+                             "resume it (resume=True / --resume) or choose another directory")
+
+    def save(self, passes: int, state, keys: jax.Array, train, test, stamps) -> None:
+        logs = {"keys": np.asarray(jax.random.key_data(keys)), "train": np.asarray(train),
+                "test": np.asarray(test), "wall": np.asarray(stamps)}
+        self.manager.save(passes, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), logs=ocp.args.StandardSave(logs),
+            meta=ocp.args.JsonSave(self.meta)))
+        self.manager.wait_until_finished()
+
+    def restore(self, passes: int, template_state, keys: jax.Array, num_logged: int):
+        """(state, train, test, stamps) of checkpoint `passes`, placed like `template_state`.
+
+        Raises ValueError, changing nothing on disk, if the checkpoint is unreadable or
+        belongs to another run (different budget, seeds, keys or model shapes).
+        """
+        where = os.path.join(self.config.directory, str(passes))
+        try:
+            meta = self.manager.restore(passes, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises various errors for damaged files
+            raise ValueError(f"cannot read checkpoint {where} (corrupt or incomplete?): {e}") from e
+        diff = sorted(k for k in set(meta) | set(self.meta) if meta.get(k) != self.meta.get(k))
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs this run {self.meta.get(k)!r}" for k in diff)
+            raise ValueError(f"checkpoint {where} belongs to a different run ({details})")
+        key_data = np.asarray(jax.random.key_data(keys))
+        logs_template = {"keys": key_data, "train": np.zeros((key_data.shape[0], num_logged), np.float32),
+                         "test": np.zeros((key_data.shape[0], num_logged), np.float32),
+                         "wall": np.zeros((num_logged,), np.float64)}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template_state)
+        try:
+            restored = self.manager.restore(passes, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), logs=ocp.args.StandardRestore(logs_template)))
+        except Exception as e:
+            raise ValueError(f"cannot restore checkpoint {where} (corrupt, or saved by another version?): {e}") from e
+        logs = restored["logs"]
+        if not np.array_equal(np.asarray(logs["keys"]), key_data):
+            raise ValueError(f"checkpoint {where} was made with other PRNG keys (seeds) than this run")
+        return restored["state"], np.asarray(logs["train"]), np.asarray(logs["test"]), np.asarray(logs["wall"])

@@ -1,0 +1,66 @@
+"""Placement of a run on devices: a Mesh with axes ("runs", "data").
+
+Runs (seeds) are split over the "runs" axis; the datapoints of the training and test
+sets over the "data" axis, each device scoring its slice of every model and the
+per-datapoint scores gathered (M floats per model). Parameters are replicated over
+"data". The same code runs on one device, many devices of one host, and, after
+`jax.distributed.initialize()`, the devices of many hosts (`jax.devices()` is then
+global).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+AXES = ("runs", "data")
+
+
+def make_mesh(data: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("runs", "data") Mesh over `devices` (default `jax.devices()`), `data` of them
+    sharing the datapoints of each group of runs."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(data, int) or data < 1 or len(devices) % data:
+        raise ValueError(f"data must be an int >= 1 dividing the {len(devices)} devices, got {data!r}")
+    return Mesh(np.array(devices).reshape(len(devices) // data, data), AXES)
+
+
+def default_mesh(num_runs: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Runs over as many devices as there are runs (the largest divisor of the device
+    count not above R); the remaining factor shares the datapoints."""
+    devices = list(jax.devices() if devices is None else devices)
+    return make_mesh(len(devices) // runs_axis_size(num_runs, len(devices)), devices)
+
+
+def runs_axis_size(num_runs: int, num_devices: int) -> int:
+    """The largest divisor of `num_devices` that is at most `num_runs`."""
+    return max(d for d in range(1, num_devices + 1) if num_devices % d == 0 and d <= num_runs)
+
+
+def check_mesh(mesh: Mesh) -> Mesh:
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES} (see make_mesh), got {mesh!r}")
+    return mesh
+
+
+def pad_points(data, multiple: int):
+    """Pad every leaf's leading (datapoint) axis to a multiple of `multiple` by
+    repeating the last datapoint; the padded scores are dropped after the gather."""
+    def pad(x):
+        extra = -x.shape[0] % multiple
+        if extra == 0:
+            return x
+        x = np.asarray(x)
+        return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+    return None if data is None else jax.tree.map(pad, data)
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a possibly multi-host array (gathered from every process)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from m2n2_jax.data import skills
+
+
+def test_questions_are_correct_distinct_and_avoid_excluded():
+    rng = np.random.default_rng(0)
+    add = skills.questions("addition", 200, rng)
+    for prompt, answer in add:
+        a, b = prompt[:-1].split("+")
+        assert prompt.endswith("=") and int(answer) == int(a) + int(b) and 100 <= int(a) <= 999
+    rev = skills.questions("reversal", 200, rng, exclude={p for p, _ in add})
+    assert all(p.startswith("r:") and p[2:-1][::-1] == ans and 3 <= len(ans) <= 6 for p, ans in rev)
+    assert len({p for p, _ in rev}) == 200
+    more = skills.questions("reversal", 300, np.random.default_rng(1), exclude={p for p, _ in rev})
+    assert not {p for p, _ in more} & {p for p, _ in rev}
+
+
+def test_tokenize_pads_prompts_left_and_answers_right():
+    prompts, answers = skills.tokenize([("123+456=", "579"), ("r:abcdef=", "fedcba")])
+    assert prompts.shape == (2, skills.PROMPT_LEN) and answers.shape == (2, skills.ANSWER_LEN)
+    assert prompts[0, 0] == skills.PAD and skills.decode(prompts[0]) == "123+456=" and skills.decode(prompts[1]) == "r:abcdef="
+    np.testing.assert_array_equal(answers[0, 3:], skills.PAD)
+    assert skills.decode(answers[0]) == "579" and skills.decode(answers[1]) == "fedcba"
+    with pytest.raises(ValueError, match="longer"):
+        skills.tokenize([("r:abcdefgh=", "hgfedcba")])
+    with pytest.raises(ValueError, match="vocabulary"):
+        skills.encode("A")
+
+
+def test_mixture_follows_the_weights_and_excludes():
+    rng = np.random.default_rng(0)
+    test = {p for p, _ in skills.questions("reversal", 50, rng)}
+    mix = skills.mixture({"copy": 3.0, "addition": 1.0}, 4000, rng, exclude=test)
+    share = np.mean([p.startswith("c:") for p, _ in mix])
+    assert abs(share - 0.75) < 0.03 and not {p for p, _ in mix} & test
