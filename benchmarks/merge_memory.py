@@ -14,7 +14,13 @@ merge calls; "extra" is the peak above the resident set just before the first ca
     peak multiple = (2 parents + extra) / one model's size.
 XLA's own accounting of the compiled merge (arguments + outputs + temporaries, from
 `compiled.memory_analysis()`) is reported beside it. Time per merge is the median of
---repeats calls after a warm-up. Writes OUT/merge_memory.json and .txt.
+--repeats calls after a warm-up.
+
+Then the archive: XLA's accounting of one jitted M2N2 step (ask + tell, scores given,
+the state donated so the archive is updated in place) on an archive of 20 models of
+--archive-params parameters, as multiples of one model: the state itself is
+20 models + scores, everything above it is the step's working memory.
+Writes OUT/merge_memory.json and .txt.
 """
 
 from __future__ import annotations
@@ -130,11 +136,39 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
     }
 
 
+def archive_step(params: int, archive_size: int = 20, points: int = 1000) -> dict:
+    """XLA memory accounting of one donated ask + tell on a full archive."""
+    import jax
+    import jax.numpy as jnp
+
+    import m2n2_jax as mj
+
+    config = mj.Config(archive_size=archive_size, mutation_std=0.01)
+    template = {"w": jax.ShapeDtypeStruct((params // 1000, 1000), jnp.float32),
+                "b": jax.ShapeDtypeStruct((params - (params // 1000) * 1000,), jnp.float32)}
+    state = jax.eval_shape(lambda: mj.Archive(
+        params=jax.tree.map(lambda t: jnp.zeros((archive_size,) + t.shape, t.dtype), template),
+        scores=jnp.zeros((archive_size, points)), occupied=jnp.ones((archive_size,), bool)))
+
+    def step(state, key, scores):
+        child = mj.ask(key, state, config)
+        return mj.tell(state, child, scores, config)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(
+        state, jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((points,), jnp.float32)).compile()
+    a = compiled.memory_analysis()
+    model = 4 * params
+    return {"archive_size": archive_size, "params": params, "points": points, "model_bytes": model,
+            "argument_multiple": a.argument_size_in_bytes / model, "output_multiple": a.output_size_in_bytes / model,
+            "alias_multiple": a.alias_size_in_bytes / model, "temp_multiple": a.temp_size_in_bytes / model}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=int, default=100_000_000)
     p.add_argument("--leaves", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--archive-params", type=int, default=10_000_000)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,10 +187,12 @@ def main(argv=None) -> dict:
         print(f"{variant}: {rows[-1]['peak_multiple']:.2f}x model, {rows[-1]['seconds_per_merge']:.3f} s", flush=True)
     by = {r["variant"]: r for r in rows}
     import jax
+    step = archive_step(args.archive_params)
     record = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
         "jax_version": jax.__version__,
         "rows": rows,
+        "archive_step": step,
         "time_ratio_vs_elementwise": by["split_point_slerp"]["seconds_per_merge"] / by["elementwise"]["seconds_per_merge"],
         "flat_time_ratio_vs_elementwise": by["flat_ravel"]["seconds_per_merge"] / by["elementwise"]["seconds_per_merge"],
     }
@@ -168,6 +204,9 @@ def main(argv=None) -> dict:
         lines.append(f"{r['variant']:<20}{r['peak_multiple']:>16.2f}{xla:>15}{r['seconds_per_merge']:>11.3f}")
     lines.append(f"time ratio split_point_slerp / elementwise: {record['time_ratio_vs_elementwise']:.2f} "
                  f"(flat_ravel / elementwise: {record['flat_time_ratio_vs_elementwise']:.2f})")
+    lines.append(f"one donated M2N2 step (ask + tell) on an archive of {step['archive_size']} x "
+                 f"{step['params']:,} params: arguments {step['argument_multiple']:.2f}x model, "
+                 f"aliased (updated in place) {step['alias_multiple']:.2f}x, temporaries {step['temp_multiple']:.2f}x")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "merge_memory.json"), "w") as f:
         json.dump(record, f, indent=1)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 
 import jax
@@ -59,6 +60,7 @@ def result_record(method: str, seeds: list[int], result: mj.RunResult, **extra) 
         },
         "test_accuracy_runs": test.tolist(),
         "wall_seconds": result.wall_seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "jax_version": jax.__version__,
         "device": device_name(),
         **extra,

@@ -10,6 +10,10 @@ start from one N(0, 0.01^2) mean with sigma_0 = --std-init and a population of
 ES run in wall seconds (for full CMA-ES at large D): the JSON then records the passes
 actually spent in `forward_passes`, the requested budget in `budget_forward_passes` and
 `stopped_by_time_limit: true`.
+
+Long M2N2-family runs can be checkpointed and resumed (orbax, atomic, no pickle):
+    ... --checkpoint-every 5000            # into OUT/checkpoints/METHOD (or --checkpoint-dir)
+    ... --resume OUT/checkpoints/METHOD    # same command line otherwise; ends bit-identical
 """
 
 from __future__ import annotations

@@ -56,15 +56,16 @@ GRIDS = {  # coefficient name -> values; every combination is one forward pass o
 }
 
 
-def merger(name: str, base, a, b):
-    """(coefficients dict, key) -> merged params, for operator `name`."""
-    return {
-        "linear": lambda c, k: merge_ops.linear(a, b, c["weight"]),
-        "slerp": lambda c, k: merge_ops.slerp(a, b, c["weight"]),
-        "task_arithmetic": lambda c, k: merge_ops.task_arithmetic(base, a, b, c["scale"]),
-        "ties": lambda c, k: merge_ops.ties(base, a, b, c["density"], c["scale"]),
-        "dare": lambda c, k: merge_ops.dare(k, base, a, b, c["drop_rate"], c["scale"]),
-    }[name]
+def merge(name: str, models: dict, coeffs: dict, key):
+    """The merge of the two specialists by operator `name` with coefficients `coeffs`."""
+    base, a, b = models["base"], models[SPECIALISTS[0]], models[SPECIALISTS[1]]
+    if name in ("linear", "slerp"):
+        return getattr(merge_ops, name)(a, b, coeffs["weight"])
+    if name == "task_arithmetic":
+        return merge_ops.task_arithmetic(base, a, b, coeffs["scale"])
+    if name == "ties":
+        return merge_ops.ties(base, a, b, coeffs["density"], coeffs["scale"])
+    return merge_ops.dare(key, base, a, b, coeffs["drop_rate"], coeffs["scale"])
 
 
 def grid(name: str) -> dict[str, np.ndarray]:
@@ -77,15 +78,15 @@ def grid(name: str) -> dict[str, np.ndarray]:
 def best_merges(name, models, score_fn, train, keys):
     """For each key: (merged params, chosen coefficients, their mean training score)
     of operator `name` (the key only matters to DARE); one compilation for all keys."""
-    merge = merger(name, models["base"], *(models[s] for s in SPECIALISTS))
     coeffs = grid(name)
-    search = jax.jit(lambda c, k: jax.lax.map(lambda ci: score_fn(merge(ci, k), train).mean(), c))
+    # The models are arguments, not constants, so XLA does not constant-fold the merge.
+    search = jax.jit(lambda m, c, k: jax.lax.map(lambda ci: score_fn(merge(name, m, ci, k), train).mean(), c))
     found = []
     for key in keys:
-        scores = np.asarray(search(coeffs, key))
+        scores = np.asarray(search(models, coeffs, key))
         i = int(np.argmax(scores))  # first on ties
         chosen = {n: round(float(v[i]), 4) for n, v in coeffs.items()}
-        found.append((merge({n: v[i] for n, v in coeffs.items()}, key), chosen, float(scores[i])))
+        found.append((merge(name, models, {n: v[i] for n, v in coeffs.items()}, key), chosen, float(scores[i])))
     return found
 
 
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=42, help="first seed; runs use seed .. seed+runs-1")
     p.add_argument("--out", default="experiments/results/lm_skills", help="output directory")
     p.add_argument("--archive-size", type=int, default=20)
-    p.add_argument("--train-questions", type=int, default=128, help="fitness questions per skill")
+    p.add_argument("--train-questions", type=int, default=200, help="fitness questions per skill")
     p.add_argument("--test-questions", type=int, default=500, help="test questions per skill")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the questions and of training")

@@ -69,6 +69,8 @@ def main(argv=None) -> dict:
         "specialists_half_test_accuracy": [[half_accuracy(model, s, test, h) for h in HALVES] for s in specialists],
     }
     if args.method == "brute-force":
+        if args.checkpoint_every is not None or args.resume is not None:
+            raise SystemExit("error: brute-force is one grid search: it has nothing to checkpoint")
         if args.forward_passes < 2:
             raise SystemExit(f"error: forward_passes must be >= 2, got {args.forward_passes}")
         result, ratio = brute_force(args, score_fn, train, test, specialists)
