@@ -83,3 +83,42 @@ def test_merge_is_vmappable(rng):
     batched = jax.vmap(split_point_slerp, in_axes=(None, None, 0, 0))(a, b, ws, ks)
     for i in range(3):
         chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), split_point_slerp(a, b, ws[i], ks[i]), atol=1e-6)
+
+
+def mixed_tree(rng, num_leaves=23):
+    """Shapes of random ranks 0-3 and dtypes cycling float32, bfloat16, float16."""
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16]
+    shapes = [tuple(int(s) for s in rng.integers(1, 5, size=rng.integers(0, 4))) for _ in range(num_leaves)]
+    return shapes, [dtypes[i % 3] for i in range(num_leaves)]
+
+
+def build(rng, shapes, dtypes):
+    return {f"l{i:02d}": jnp.asarray(rng.normal(size=s), d) for i, (s, d) in enumerate(zip(shapes, dtypes))}
+
+
+def test_leafwise_merge_equals_flat_merge_on_many_mixed_dtype_leaves():
+    rng = np.random.default_rng(7)
+    shapes, dtypes = mixed_tree(rng)
+    a, b = build(rng, shapes, dtypes), build(rng, shapes, dtypes)
+    sizes = [int(np.prod(s)) for s in shapes]
+    d = sum(sizes)
+    bounds = list(np.cumsum(sizes))
+    ends = [0, d, bounds[0], bounds[5], bounds[11] + 1, bounds[17] - 1, d // 2]
+    to32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    flat_a, unravel = ravel_pytree(to32(a))
+    flat_b, _ = ravel_pytree(to32(b))
+    for k in ends:
+        w = float(rng.uniform())
+        child = jax.jit(split_point_slerp)(a, b, w, k)
+        chex.assert_trees_all_equal_shapes_and_dtypes(child, a)
+        # The flat merge: one concatenated float32 vector, unraveled and cast back per leaf.
+        flat_child = unravel(split_point_slerp({"v": flat_a}, {"v": flat_b}, w, k)["v"])
+        flat_child = jax.tree.map(lambda x, ref: x.astype(ref.dtype), flat_child, a)
+        for name in a:
+            np.testing.assert_allclose(np.asarray(child[name], np.float32), np.asarray(flat_child[name], np.float32),
+                                       rtol=1e-2 if a[name].dtype != jnp.float32 else 1e-5, atol=1e-2, err_msg=name)
+        # And both equal the NumPy reference on the float64 vectors.
+        ref = np_split_slerp(flat(to32(a)), flat(to32(b)), w, k)
+        np.testing.assert_allclose(flat(to32(child)), ref, rtol=2e-2, atol=2e-2)
+        f32 = np.concatenate([np.full(s, dt == jnp.float32) for s, dt in zip(sizes, dtypes)])
+        np.testing.assert_allclose(flat(to32(child))[f32], ref[f32], rtol=2e-5, atol=2e-6)
