@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test experiments bench clean
+.PHONY: run test experiments lm bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,9 +36,15 @@ experiments: $(STAMP)
 	    --seed 42 --out experiments/results/pretrained || exit 1; \
 	done
 	$(BIN)/python experiments/plot.py experiments/results/pretrained
+	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
+
+# Merging two language-model specialists (about 9 minutes on 2 CPU cores; trained models cached).
+lm: $(STAMP)
+	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/merge_memory.py
 
 clean:
 	rm -rf $(VENV) results

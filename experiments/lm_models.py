@@ -40,15 +40,18 @@ class Training:
     base_steps: int = 2000
     base_lr: float = 1e-3
     base_mixture: tuple = (("copy", 0.6), ("addition", 0.4))
-    finetune_steps: int = 1500
-    finetune_lr: float = 5e-4
+    finetune_steps: int = 1000
+    finetune_lr: float = 1e-4
     pool: int = 60_000  # training questions per model, sampled into batches
     seed: int = 0
 
-    def tag(self) -> str:
+    def base_tag(self) -> str:
         mix = "-".join(f"{k[0]}{w:g}" for k, w in self.base_mixture)
-        return (f"lm_d{self.d_model}_l{self.num_layers}_h{self.num_heads}_b{self.batch}_base{self.base_steps}"
-                f"_lr{self.base_lr:g}_{mix}_ft{self.finetune_steps}_lr{self.finetune_lr:g}_p{self.pool}_s{self.seed}")
+        return (f"lm_d{self.d_model}_l{self.num_layers}_h{self.num_heads}_b{self.batch}_p{self.pool}_s{self.seed}"
+                f"_base{self.base_steps}_lr{self.base_lr:g}_{mix}")
+
+    def tag(self) -> str:
+        return f"{self.base_tag()}_ft{self.finetune_steps}_lr{self.finetune_lr:g}"
 
 
 def make_model(t: Training) -> Transformer:
@@ -79,26 +82,39 @@ def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
     `exclude`: prompts (the test questions) that no training question may use.
     """
     model = make_model(t)
-    path = os.path.join(os.path.abspath(cache), t.tag())
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, model.max_len), jnp.int32))
-    checkpointer = ocp.StandardCheckpointer()
-    if os.path.isdir(path):
-        return dict(checkpointer.restore(path, {k: template for k in ("base",) + SPECIALISTS}))
-    rng = np.random.default_rng(t.seed)
-    k_init, k_base, *k_ft = jax.random.split(jax.random.key(t.seed), 2 + len(SPECIALISTS))
     train_fn = jax.jit(functools.partial(train, model), static_argnums=(2, 3, 4))
+    k_init, k_base, *k_ft = jax.random.split(jax.random.key(t.seed), 2 + len(SPECIALISTS))
     t0 = time.perf_counter()
-    mix = skills.mixture(dict(t.base_mixture), t.pool, rng, exclude)
-    base, losses = train_fn(model.init(k_init, jnp.zeros((1, model.max_len), jnp.int32)),
-                            skills.tokenize(mix), t.base_steps, t.base_lr, t.batch, k_base)
-    log(f"base: {t.base_steps} steps, final loss {float(losses[-10:].mean()):.4f}, {time.perf_counter() - t0:.0f} s")
-    models = {"base": base}
-    for skill, k in zip(SPECIALISTS, k_ft):
-        data = skills.tokenize(skills.questions(skill, t.pool, rng, exclude))
-        models[skill], losses = train_fn(base, data, t.finetune_steps, t.finetune_lr, t.batch, k)
-        log(f"{skill} specialist: {t.finetune_steps} steps, final loss {float(losses[-10:].mean()):.4f}, "
-            f"{time.perf_counter() - t0:.0f} s")
-    os.makedirs(cache, exist_ok=True)
-    checkpointer.save(path, models)  # orbax writes to a temporary directory and renames it
+
+    def pretrain():
+        mix = skills.mixture(dict(t.base_mixture), t.pool, np.random.default_rng((t.seed, 0)), exclude)
+        base, losses = train_fn(model.init(k_init, jnp.zeros((1, model.max_len), jnp.int32)),
+                                skills.tokenize(mix), t.base_steps, t.base_lr, t.batch, k_base)
+        log(f"base: {t.base_steps} steps, final loss {float(losses[-10:].mean()):.4f}, {time.perf_counter() - t0:.0f} s")
+        return {"base": base}
+
+    def finetune():
+        rng, out = np.random.default_rng((t.seed, 1)), {}
+        for skill, k in zip(SPECIALISTS, k_ft):
+            data = skills.tokenize(skills.questions(skill, t.pool, rng, exclude))
+            out[skill], losses = train_fn(base, data, t.finetune_steps, t.finetune_lr, t.batch, k)
+            log(f"{skill} specialist: {t.finetune_steps} steps, final loss {float(losses[-10:].mean()):.4f}, "
+                f"{time.perf_counter() - t0:.0f} s")
+        return out
+
+    base = _cached(os.path.join(cache, t.base_tag()), {"base": template}, pretrain)["base"]
+    return {"base": base, **_cached(os.path.join(cache, t.tag()), {s: template for s in SPECIALISTS}, finetune)}
+
+
+def _cached(path: str, template, make):
+    """The tree saved at `path` (orbax), or make() saved there (the base is cached on its
+    own, so that other fine-tuning settings reuse it)."""
+    path, checkpointer = os.path.abspath(path), ocp.StandardCheckpointer()
+    if os.path.isdir(path):
+        return checkpointer.restore(path, template)
+    tree = make()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpointer.save(path, tree)  # orbax writes to a temporary directory and renames it
     checkpointer.wait_until_finished()
-    return models
+    return tree

@@ -76,8 +76,8 @@ def grid(name: str) -> dict[str, np.ndarray]:
 
 
 def best_merges(name, models, score_fn, train, keys):
-    """For each key: (merged params, chosen coefficients, their mean training score)
-    of operator `name` (the key only matters to DARE); one compilation for all keys."""
+    """For each key: (merged params, chosen coefficients, mean training score of every
+    grid point) of operator `name` (the key only matters to DARE); one compilation for all keys."""
     coeffs = grid(name)
     # The models are arguments, not constants, so XLA does not constant-fold the merge.
     search = jax.jit(lambda m, c, k: jax.lax.map(lambda ci: score_fn(merge(name, m, ci, k), train).mean(), c))
@@ -86,7 +86,7 @@ def best_merges(name, models, score_fn, train, keys):
         scores = np.asarray(search(models, coeffs, key))
         i = int(np.argmax(scores))  # first on ties
         chosen = {n: round(float(v[i]), 4) for n, v in coeffs.items()}
-        found.append((merge(name, models, {n: v[i] for n, v in coeffs.items()}, key), chosen, float(scores[i])))
+        found.append((merge(name, models, {n: v[i] for n, v in coeffs.items()}, key), chosen, scores))
     return found
 
 
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     def test_scores(params) -> dict:
         return {s: float(evaluate(params, test[s])) for s in SPECIALISTS}
 
-    per_run, coefficients, train_score = {}, {}, {}
+    per_run, coefficients, train_score, grid_scores = {}, {}, {}, {}
     for name, params in (("base", models["base"]), ("specialist_a", models[SPECIALISTS[0]]),
                          ("specialist_b", models[SPECIALISTS[1]])):
         per_run[name] = [test_scores(params)] * args.runs
@@ -170,8 +170,12 @@ def main(argv=None) -> dict:
         found = best_merges(name, models, score_fn, train_all, merge_keys)
         per_run[name] = [test_scores(f[0]) for f in found] * (args.runs // len(found))
         coefficients[name] = [f[1] for f in found]
-        train_score[name] = float(np.mean([f[2] for f in found]))
+        train_score[name] = float(np.mean([f[2].max() for f in found]))
+        grid_scores[name] = [np.round(f[2], 4).tolist() for f in found]
         print(f"{name}: coefficients {coefficients[name][0]}, train {train_score[name]:.3f}, test {per_run[name][0]}")
+    # Why merges fail or succeed: each skill along the straight line from specialist_a to specialist_b.
+    path = {f"{w:.1f}": test_scores(merge_ops.linear(models[SPECIALISTS[0]], models[SPECIALISTS[1]], w))
+            for w in GRIDS["linear"]["weight"]}
     t_baselines = time.perf_counter()
 
     result = mj.run(keys, [models[s] for s in SPECIALISTS], score_fn, train_all, args.forward_passes,
@@ -201,7 +205,9 @@ def main(argv=None) -> dict:
         "test_exact_match_runs": runs,
         "train_exact_match": train_score,
         "coefficients": coefficients,
-        "coefficient_grids": {m: {n: [round(float(x), 4) for x in v] for n, v in g.items()} for m, g in GRIDS.items()},
+        "coefficient_grids": {m: {n: [round(float(x), 4) for x in v] for n, v in grid(m).items()} for m in GRIDS},
+        "grid_train_exact_match": grid_scores,
+        "linear_path_test_exact_match": path,
         "best_baseline": best_baseline,
         "m2n2_minus_best_baseline": means["m2n2"]["mean"] - means[best_baseline]["mean"],
         "m2n2_retention_of_specialist_own_skill": retention,
