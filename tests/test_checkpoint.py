@@ -119,11 +119,11 @@ def test_checkpointing_validates_its_config(kwargs, message):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real subprocess is killed with SIGKILL after its first checkpoint, then resumed."""
     script = os.path.join(ROOT, "experiments", "from_scratch.py")
-    common = ["--method", "m2n2", "--runs", "2", "--hidden", "4", "--forward-passes", "40000",
+    common = ["--method", "m2n2", "--runs", "2", "--hidden", "4", "--forward-passes", "20000",
               "--log-every", "1000", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     killed_out, ckpt = str(tmp_path / "killed"), str(tmp_path / "killed" / "ckpt")
-    proc = subprocess.Popen([sys.executable, script, *common, "--out", killed_out, "--checkpoint-every", "2000",
+    proc = subprocess.Popen([sys.executable, script, *common, "--out", killed_out, "--checkpoint-every", "1000",
                              "--checkpoint-dir", ckpt], env=env)
     deadline = time.time() + 120
     while not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):

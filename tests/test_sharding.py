@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     out = {}
     for name, mesh in [("one", mj.make_mesh(1, jax.devices()[:1])), ("runs4", mj.make_mesh(1)),
                        ("runs2_data2", mj.make_mesh(2)), ("data4", mj.make_mesh(4)), ("default", None)]:
-        for chunk in (None, 5):
+        for chunk in ((None, 5) if name == "data4" else (None,)):  # chunks within the data shards
             r = mj.run(keys, seeds, score_fn, train, 150, mj.Config(archive_size=6, mutation_std=0.05),
                        test_data=test, log_every=25, mesh=mesh, chunk_size=chunk, progress=False)
             out[f"{name}/{chunk}"] = {"test": r.test_accuracy.tolist(), "train": r.train_accuracy.tolist(),
