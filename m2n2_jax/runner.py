@@ -26,7 +26,7 @@ from m2n2_jax.algorithm import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
 from m2n2_jax.checks import check_finite_params, check_scores, stack_models, valid_child
 from m2n2_jax.scoring import evaluate, num_points
-from m2n2_jax.sharding import check_mesh, default_mesh, pad_points, to_host
+from m2n2_jax.sharding import check_mesh, default_mesh, make_mesh, pad_points, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +150,10 @@ def run(
             raise ValueError("test_data must have the same pytree structure as data")
     if mesh is not None and devices is not None:
         raise ValueError("pass devices or mesh, not both")
-    mesh = check_mesh(mesh) if mesh is not None else default_mesh(num_runs, devices)
-    if devices is not None and mesh.shape["data"] > 1:  # `devices` spreads runs only
-        mesh = default_mesh(mesh.shape["runs"], list(mesh.devices.flat)[: mesh.shape["runs"]])
+    if mesh is not None:
+        mesh = check_mesh(mesh)
+    else:  # `devices` spreads runs only, one device per run at most
+        mesh = default_mesh(num_runs) if devices is None else make_mesh(1, list(devices)[:num_runs])
     run_devices, data_devices = mesh.shape["runs"], mesh.shape["data"]
     # Pad the runs to a multiple of the devices with copies of the last run; dropped at the end.
     padded = keys if num_runs % run_devices == 0 else jnp.concatenate(
@@ -206,7 +207,7 @@ def run(
     trains, tests = [to_host(train0)[:, None]], [to_host(test0)[:, None]]
     stamps = [np.full(1, time.perf_counter() - t0)]
     done = 0
-    resumed_at = store.latest() if store is not None and checkpoint.resume else None
+    saved = resumed_at = store.latest() if store is not None and checkpoint.resume else None
     if resumed_at is not None:
         done = resumed_at - num_seeds
         state, train, test, wall = store.restore(resumed_at, state, padded, done + 1)
@@ -229,12 +230,13 @@ def run(
         stamps.append(np.full(step, time.perf_counter() - t0))
         bar.update(num_runs * step)
         passes, done = num_seeds + done + step, done + step
-        if store is not None and (passes // checkpoint.every > (passes - step) // checkpoint.every
-                                  or done == num_steps):
+        if store is not None and passes // checkpoint.every > (passes - step) // checkpoint.every:
             store.save(passes, state, padded, np.concatenate(trains, axis=1), np.concatenate(tests, axis=1),
                        np.concatenate(stamps))
-    if store is not None and num_steps == 0 and resumed_at is None:
-        store.save(num_seeds, state, padded, trains[0], tests[0], stamps[0])
+            saved = passes
+    if store is not None and saved != forward_passes:  # the final state is always saved
+        store.save(forward_passes, state, padded, np.concatenate(trains, axis=1), np.concatenate(tests, axis=1),
+                   np.concatenate(stamps))
     bar.close()
     mask = log_mask(num_seeds, forward_passes, log_every)
     train_all = np.concatenate(trains, axis=1)[:num_runs, mask]

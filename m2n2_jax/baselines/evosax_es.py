@@ -110,7 +110,7 @@ def run_es(
     if done < generations:  # stopped by time_limit: score the last generation too
         mask[-1] = True
         if test_data is not None:
-            test[:, -1] = np.asarray(_score_all(score_fn, best, test_data))
+            test[:, -1] = np.asarray(jax.jit(_mean_scores, static_argnums=0)(score_fn, best, test_data))
     jax.block_until_ready(best)
     return RunResult(
         passes=population_size * np.arange(1, done + 1)[mask],
@@ -123,9 +123,8 @@ def run_es(
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score_all(score_fn, params, data):
-    """(R,) mean score of each of R stacked models."""
+def _mean_scores(score_fn, params, data):
+    """(P,) mean score of each of P stacked models."""
     return jax.lax.map(lambda p: evaluate(score_fn, p, data).mean(), params)
 
 @functools.lru_cache(maxsize=16)
@@ -155,7 +154,7 @@ def _program(name, init_fn, score_fn, population_size, std_init, call):
 
                 def step(state):
                     population, state = es.ask(k_ask, state, params)
-                    scores = jax.lax.map(lambda p: evaluate(score_fn, p, data).mean(), population)
+                    scores = _mean_scores(score_fn, population, data)
                     state, _ = es.tell(k_tell, population, -scores, state, params)
                     return state
 
