@@ -1,18 +1,25 @@
 """The base language model and its two specialists for experiments/lm_skills.py.
 
-The base is pre-trained briefly with Adam on a mixture of copying strings (60 %) and
-addition (40 %), so it copies well, adds poorly and has never seen reversal (even 5 %
-of reversal in the mixture made the base reverse at 99 %, leaving its specialist
-nothing to add). The addition and reversal specialists are fine-tuned from it, each
-on its own skill only, with a smaller learning rate. All training data exclude the
-test questions. The three models are trained once per
-setting and cached with orbax under experiments/cache/.
+The base is pre-trained briefly with Adam on copying strings (40 %) and on the short
+forms of the two skills (30 % each: 2-digit addition, reversal of 3-4 letters), so
+it knows both prompt formats but cannot add 3-digit numbers and reverses only short
+strings. Each specialist is fine-tuned from it on the full form of its own skill
+(50 %: 3-digit addition, reversal of 3-6 letters) mixed with the base's own
+pre-training mixture (50 %, replay), so it keeps what the base knew of the other
+skill instead of overwriting it. All training data exclude the test questions; the
+three models are trained once per setting and exclusion set and cached with orbax
+under experiments/cache/.
+
+Settings tried before these (in the README): without replay, or replaying copying
+only, each specialist unlearns the other skill (the reversal specialist's addition
+fell from 94 % to 2-6 %), and no merge of the two recovers it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 
@@ -26,7 +33,6 @@ from m2n2_jax.data import skills
 from m2n2_jax.models.transformer import Transformer, sequence_loss
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
-SPECIALISTS = ("addition", "reversal")  # specialist_a, specialist_b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +43,31 @@ class Training:
     num_layers: int = 3
     num_heads: int = 4
     batch: int = 128
-    base_steps: int = 2000
+    base_steps: int = 1500
     base_lr: float = 1e-3
-    base_mixture: tuple = (("copy", 0.6), ("addition", 0.4))
+    base_mixture: tuple = (("copy", 0.4), ("addition_short", 0.3), ("reversal_short", 0.3))
     finetune_steps: int = 1000
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 3e-4
+    specialists: tuple = ("addition", "reversal")  # the skills of specialist_a and specialist_b
+    # ((skill, weight), ...) mixed into each specialist's data: the base's own mixture
+    finetune_replay: tuple = (("copy", 0.2), ("addition_short", 0.15), ("reversal_short", 0.15))
     pool: int = 60_000  # training questions per model, sampled into batches
     seed: int = 0
 
+    def __post_init__(self):
+        if not 0 <= sum(w for _, w in self.finetune_replay) < 1:
+            raise ValueError(f"finetune_replay weights must sum to [0, 1), got {self.finetune_replay}")
+        if len(self.specialists) != 2 or self.specialists[0] == self.specialists[1]:
+            raise ValueError(f"specialists must be two different skills, got {self.specialists}")
+
     def base_tag(self) -> str:
-        mix = "-".join(f"{k[0]}{w:g}" for k, w in self.base_mixture)
+        mix = "-".join(f"{k}{w:g}" for k, w in self.base_mixture)
         return (f"lm_d{self.d_model}_l{self.num_layers}_h{self.num_heads}_b{self.batch}_p{self.pool}_s{self.seed}"
                 f"_base{self.base_steps}_lr{self.base_lr:g}_{mix}")
 
     def tag(self) -> str:
-        return f"{self.base_tag()}_ft{self.finetune_steps}_lr{self.finetune_lr:g}"
+        replay = "".join(f"_{k}{w:g}" for k, w in self.finetune_replay)
+        return f"{self.base_tag()}_{'-'.join(self.specialists)}_ft{self.finetune_steps}_lr{self.finetune_lr:g}{replay}"
 
 
 def make_model(t: Training) -> Transformer:
@@ -77,14 +93,16 @@ def train(model, params, data, steps: int, learning_rate: float, batch: int, key
 
 
 def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
-    """{"base", "addition", "reversal"} params, from the orbax cache or trained and cached.
+    """{"base", specialist skill, ...} params, from the orbax cache or trained and cached.
 
-    `exclude`: prompts (the test questions) that no training question may use.
+    `exclude`: prompts (the test questions) that no training question may use; the cache
+    is kept per exclusion set, so models never reach a test set their data overlapped.
     """
+    cache = os.path.join(cache, "exclude_" + hashlib.sha1("\n".join(sorted(exclude)).encode()).hexdigest()[:12])
     model = make_model(t)
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, model.max_len), jnp.int32))
     train_fn = jax.jit(functools.partial(train, model), static_argnums=(2, 3, 4))
-    k_init, k_base, *k_ft = jax.random.split(jax.random.key(t.seed), 2 + len(SPECIALISTS))
+    k_init, k_base, *k_ft = jax.random.split(jax.random.key(t.seed), 2 + len(t.specialists))
     t0 = time.perf_counter()
 
     def pretrain():
@@ -96,15 +114,16 @@ def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
 
     def finetune():
         rng, out = np.random.default_rng((t.seed, 1)), {}
-        for skill, k in zip(SPECIALISTS, k_ft):
-            data = skills.tokenize(skills.questions(skill, t.pool, rng, exclude))
+        for skill, k in zip(t.specialists, k_ft):
+            weights = {skill: 1.0 - sum(w for _, w in t.finetune_replay), **dict(t.finetune_replay)}
+            data = skills.tokenize(skills.mixture(weights, t.pool, rng, exclude))
             out[skill], losses = train_fn(base, data, t.finetune_steps, t.finetune_lr, t.batch, k)
             log(f"{skill} specialist: {t.finetune_steps} steps, final loss {float(losses[-10:].mean()):.4f}, "
                 f"{time.perf_counter() - t0:.0f} s")
         return out
 
     base = _cached(os.path.join(cache, t.base_tag()), {"base": template}, pretrain)["base"]
-    return {"base": base, **_cached(os.path.join(cache, t.tag()), {s: template for s in SPECIALISTS}, finetune)}
+    return {"base": base, **_cached(os.path.join(cache, t.tag()), {s: template for s in t.specialists}, finetune)}
 
 
 def _cached(path: str, template, make):

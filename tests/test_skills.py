@@ -17,6 +17,21 @@ def test_questions_are_correct_distinct_and_avoid_excluded():
     assert not {p for p, _ in more} & {p for p, _ in rev}
 
 
+def test_shift_and_short_forms():
+    rng = np.random.default_rng(0)
+    shift = skills.questions("shift", 100, rng)
+    for prompt, answer in shift:
+        assert prompt.startswith("s:") and 3 <= len(answer) <= 6 and len(answer) == len(prompt) - 3
+        assert all(a == "abcdefghijklmnopqrstuvwxyza"["abcdefghijklmnopqrstuvwxyz".index(p) + 1]
+                   for p, a in zip(prompt[2:-1], answer))
+    assert any("z" in p for p, _ in shift)  # the wrap-around z -> a is exercised
+    short_add = skills.questions("addition_short", 100, rng)
+    assert all(10 <= int(x) <= 99 for p, _ in short_add for x in p[:-1].split("+"))
+    assert {len(a) for _, a in skills.questions("reversal_short", 200, rng)} == {3, 4}
+    with pytest.raises(ValueError, match="unknown skill 'division_short'"):
+        skills.sample_question("division_short", rng)
+
+
 def test_tokenize_pads_prompts_left_and_answers_right():
     prompts, answers = skills.tokenize([("123+456=", "579"), ("r:abcdef=", "fedcba")])
     assert prompts.shape == (2, skills.PROMPT_LEN) and answers.shape == (2, skills.ANSWER_LEN)

@@ -2,7 +2,11 @@
 
 - addition: "123+456=" -> "579" (operands 100..999, so answers have 3 or 4 digits)
 - reversal: "r:abcd=" -> "dcba" (3 to 6 lowercase letters)
+- shift:    "s:abyz=" -> "bcza" (3 to 6 lowercase letters, each replaced by the next)
 - copy:     "c:ab12=" -> "ab12" (3 to 6 letters or digits; generic pre-training data)
+
+A skill name with the suffix "_short" (e.g. "addition_short") asks for its short
+form: 2-digit operands, or 3 to 4 letters (pre-training data that teaches the format).
 
 Shapes are static: prompts are left-padded to PROMPT_LEN and answers right-padded to
 ANSWER_LEN with the pad character "_" (token 0), so every question ends at the same
@@ -20,7 +24,7 @@ VOCAB = "_0123456789+=:" + string.ascii_lowercase
 PAD = 0
 PROMPT_LEN = 9
 ANSWER_LEN = 6
-SKILLS = ("addition", "reversal", "copy")
+SKILLS = ("addition", "reversal", "shift", "copy")
 _INDEX = {c: i for i, c in enumerate(VOCAB)}
 
 
@@ -38,18 +42,23 @@ def decode(tokens) -> str:
 
 
 def sample_question(skill: str, rng: np.random.Generator) -> tuple[str, str]:
-    """One (prompt, answer) pair of `skill`."""
+    """One (prompt, answer) pair of `skill` (a name of SKILLS, optionally + "_short")."""
+    name, short = skill, skill.endswith("_short")
+    skill = skill.removesuffix("_short")
     if skill == "addition":
-        a, b = rng.integers(100, 1000, size=2)
+        a, b = rng.integers(10, 100, size=2) if short else rng.integers(100, 1000, size=2)
         return f"{a}+{b}=", str(a + b)
-    n = int(rng.integers(3, 7))
+    n = int(rng.integers(3, 5 if short else 7))
     if skill == "reversal":
         s = "".join(rng.choice(list(string.ascii_lowercase), n))
         return f"r:{s}=", s[::-1]
+    if skill == "shift":
+        s = "".join(rng.choice(list(string.ascii_lowercase), n))
+        return f"s:{s}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
     if skill == "copy":
         s = "".join(rng.choice(list(string.ascii_lowercase + string.digits), n))
         return f"c:{s}=", s
-    raise ValueError(f"unknown skill {skill!r}; choose one of {SKILLS}")
+    raise ValueError(f"unknown skill {name!r}; choose one of {SKILLS}, optionally with the suffix '_short'")
 
 
 def questions(skill: str, n: int, rng: np.random.Generator, exclude=frozenset()) -> list[tuple[str, str]]:
