@@ -169,9 +169,12 @@ def main(argv=None) -> dict:
     if args.runs < 1 or args.forward_passes < 2:
         raise SystemExit("error: --runs must be >= 1 and --forward-passes >= 2")
     t_start = time.perf_counter()
-    training = Training(seed=args.data_seed, specialists=tuple(args.skills),
-                        **{f.name: getattr(args, f.name) for f in dataclasses.fields(Training)
-                           if f.name not in ("seed", "specialists") and hasattr(args, f.name)})
+    try:
+        training = Training(seed=args.data_seed, specialists=tuple(args.skills),
+                            **{f.name: getattr(args, f.name) for f in dataclasses.fields(Training)
+                               if f.name not in ("seed", "specialists") and hasattr(args, f.name)})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     names = training.specialists
     rng = np.random.default_rng(args.data_seed)
     test = skill_data(names, args.test_questions, rng)

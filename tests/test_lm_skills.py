@@ -64,5 +64,6 @@ def test_mixture_argument_and_training_validation():
         lm_models.Training(finetune_replay=(("copy", 0.6), ("addition_short", 0.4)))
     with pytest.raises(ValueError, match="different"):
         lm_models.Training(specialists=("reversal", "reversal"))
-    with pytest.raises(SystemExit):
-        lm_skills.main(["--skills", "reversal", "reversal"])
+    for argv in (["--skills", "reversal", "reversal"], ["--finetune-replay", "copy:0.7,addition_short:0.3"]):
+        with pytest.raises(SystemExit):
+            lm_skills.main(argv)
