@@ -41,6 +41,7 @@ use_all_cores()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 import m2n2_jax as mj  # noqa: E402
 from common import device_name, run_keys, write_json  # noqa: E402
@@ -164,8 +165,6 @@ def main(argv=None) -> dict:
         p.add_argument(f"--{name.replace('_', '-')}", type=mixture_arg, default=getattr(Training, name),
                        help="skill:weight,... (\"\" for none), e.g. copy:0.6,addition:0.4")
     args = p.parse_args(argv)
-    if args.skills[0] == args.skills[1]:
-        raise SystemExit("error: --skills needs two different skills")
     if args.runs < 1 or args.forward_passes < 2:
         raise SystemExit("error: --runs must be >= 1 and --forward-passes >= 2")
     t_start = time.perf_counter()
@@ -209,10 +208,9 @@ def main(argv=None) -> dict:
     path = {f"{w:.1f}": test_scores(merge_ops.linear(models["specialist_a"], models["specialist_b"], w))
             for w in GRIDS["linear"]["weight"]}
     tau_a, tau_b = (jax.tree.map(jnp.subtract, models[s], models["base"]) for s in ("specialist_a", "specialist_b"))
-    dot = lambda x, y: float(sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y))))
-    task_vectors = {"cosine": dot(tau_a, tau_b) / np.sqrt(dot(tau_a, tau_a) * dot(tau_b, tau_b)),
-                    "norm_over_base_norm": {s: np.sqrt(dot(t, t) / dot(models["base"], models["base"]))
-                                            for s, t in zip(names, (tau_a, tau_b))}}
+    norm = lambda tree: float(optax.tree_utils.tree_l2_norm(tree))
+    task_vectors = {"cosine": float(optax.tree_utils.tree_vdot(tau_a, tau_b)) / (norm(tau_a) * norm(tau_b)),
+                    "norm_over_base_norm": {s: norm(t) / norm(models["base"]) for s, t in zip(names, (tau_a, tau_b))}}
     t_baselines = time.perf_counter()
 
     config = mj.Config(archive_size=args.archive_size, mutation_std=0.0)
