@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     path = {f"{w:.1f}": test_scores(merge_ops.linear(models["specialist_a"], models["specialist_b"], w))
             for w in GRIDS["linear"]["weight"]}
     tau_a, tau_b = (jax.tree.map(jnp.subtract, models[s], models["base"]) for s in ("specialist_a", "specialist_b"))
-    norm = lambda tree: float(optax.tree_utils.tree_l2_norm(tree))
+    norm = lambda tree: float(optax.tree_utils.tree_norm(tree))
     task_vectors = {"cosine": float(optax.tree_utils.tree_vdot(tau_a, tau_b)) / (norm(tau_a) * norm(tau_b)),
                     "norm_over_base_norm": {s: norm(t) / norm(models["base"]) for s, t in zip(names, (tau_a, tau_b))}}
     t_baselines = time.perf_counter()
