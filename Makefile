@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with only Python 3.11: `make run` and `make test`.
-# Both create (or reuse) .venv and install the pinned dependencies into it.
+# Both create (or reuse) .venv and install the dependencies into it, pinned by constraints.txt.
 
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test experiments lm bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Short from-scratch demo on scikit-learn's digits: M2N2 vs GA, 4 runs x 5,000 passes.
