@@ -1,103 +1,112 @@
-"""M2N2 as init / ask / tell / best (Abrantes, Lange, Tang, GECCO 2025, arXiv 2508.16204).
+"""M2N2, Model Merging of Natural Niches (Abrantes, Lange, Tang, GECCO 2025, arXiv 2508.16204).
 
-All state is an `Archive` pytree and all hyperparameters are a static `Config`, so one
-step is a pure function and a whole run is a `lax.scan` (see `runner.run`). Scores are
-maximised.
+A steady-state evolution over an archive of N models (SPEC.md): parents are sampled by
+resource-normalised fitness and attraction, merged with the split-point slerp, mutated
+when evolving from scratch, and the child competes with the N archive models; the one
+with the lowest fitness leaves. The switches that give the paper's ablations are static
+fields of `M2N2`; the numbers are `Params`, traced.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from m2n2_jax import archive as archive_lib
 from m2n2_jax.archive import Archive
-from m2n2_jax.config import Config
+from m2n2_jax.base import Algorithm
 from m2n2_jax.fitness import resource_fitness
 from m2n2_jax.merge import num_params, slerp, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
 
-State = Archive
 
+@struct.dataclass
+class Params:
+    """Dynamic hyperparameters of M2N2 (traced; a sweep is a `vmap` over them).
 
-class Algorithm(NamedTuple):
-    """Four pure functions that `runner.run` drives; configuration is bound in.
-
-    init(key, seed_models, seed_scores) -> state   seed_models stacked (S, ...)
-    ask(key, state) -> child                         a model pytree
-    tell(state, child, child_scores) -> state        child_scores (M,)
-    best(state) -> index                             slot of the best-train model
+    Attributes:
+      alpha: exponent of the resource normaliser z_j = (sum_i S[i, j])**alpha; 0 turns
+        competition off (plain summed score, an ordinary GA).
+      mutation_std: std of the Gaussian noise added to every child coordinate (used
+        when `M2N2.mutation` is on; the paper: 0.01 from scratch).
+      slerp_eps: below this sin(Omega) the merge falls back to linear interpolation.
+      capacity: c, shape (M,), the supply of each resource; None means all ones.
     """
 
-    init: Callable[..., Any]
-    ask: Callable[..., Any]
-    tell: Callable[..., Any]
-    best: Callable[..., Any]
+    alpha: jax.Array = 1.0
+    mutation_std: jax.Array = 0.01
+    slerp_eps: jax.Array = 1e-6
+    capacity: jax.Array | None = None
 
 
-def init(key: jax.Array, seed_models, seed_scores: jax.Array, config: Config,
-         capacity: jax.Array | None = None) -> State:
-    """An archive of `config.archive_size` slots with the seed models inserted in order.
+@dataclasses.dataclass(frozen=True)
+class M2N2(Algorithm):
+    """M2N2 and its ablations (static structure; hashable).
 
-    Args:
-      key: unused by M2N2 (its init is deterministic); kept for a common signature.
-      seed_models: pytree with leading axis S (1 <= S), the seed models stacked.
-      seed_scores: float (S, M), each seed's per-datapoint scores in [0, 1].
-      config: Config.
-      capacity: optional per-datapoint capacity c (M,); stored in no state, pass it
-        to `ask` and `tell` too (see `algorithm`).
+    Attributes:
+      archive_size: N, the number of models kept (>= 2).
+      attraction: sample parent B by complementarity to A (else B ~ f, like A).
+      crossover: merge two parents; if False the child is a copy of parent A (then
+        mutated): the "no crossover" ablations.
+      split_point: use the split-point slerp; if False a plain slerp with one ratio.
+      mutation: add N(0, mutation_std^2) noise to each child (off when merging
+        pre-trained models).
     """
-    del key
-    num_seeds, num_points = seed_scores.shape
-    template = jax.tree.map(lambda x: x[0], seed_models)
-    state = archive_lib.empty(template, config.archive_size, num_points)
-    for i in range(num_seeds):
-        state = tell(state, jax.tree.map(lambda x: x[i], seed_models), seed_scores[i], config, capacity)
-    return state
 
+    archive_size: int = 20
+    attraction: bool = True
+    crossover: bool = True
+    split_point: bool = True
+    mutation: bool = True
 
-def ask(key: jax.Array, state: State, config: Config, capacity: jax.Array | None = None):
-    """Sample parents, merge them, mutate: one child pytree (no evaluation)."""
-    key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
-    per_point, fitness = resource_fitness(state.scores, config.alpha, capacity)
-    if config.crossover:
-        a, b = sample_parents(key_parents, per_point, fitness, state.occupied, config.attraction)
-        parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
-        ratio = jax.random.uniform(key_ratio)
-        if config.split_point:
-            split = jax.random.randint(key_split, (), 0, num_params(parent_a))
-            child = split_point_slerp(parent_a, parent_b, ratio, split, config.slerp_eps)
+    def __post_init__(self):
+        if not isinstance(self.archive_size, int) or self.archive_size < 2:
+            raise ValueError(f"archive_size must be an int >= 2, got {self.archive_size!r}")
+
+    def default_params(self) -> Params:
+        return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6))
+
+    def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
+        """An archive of `archive_size` slots with the seeds inserted in order by the tell rule."""
+        template = jax.tree.map(lambda x: x[0], seed_models)
+        state = archive_lib.empty(template, self.archive_size, seed_scores.shape[1])
+        return self.tell(key, state, seed_models, seed_scores, params)
+
+    def ask(self, key, state: Archive, params: Params):
+        """Sample parents, merge them, mutate: one child, stacked (1, ...)."""
+        key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
+        per_point, fitness = resource_fitness(state.scores, params.alpha, params.capacity)
+        if self.crossover:
+            a, b = sample_parents(key_parents, per_point, fitness, state.occupied, self.attraction)
+            parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
+            ratio = jax.random.uniform(key_ratio)
+            if self.split_point:
+                split = jax.random.randint(key_split, (), 0, num_params(parent_a))
+                child = split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps)
+            else:
+                child = slerp(parent_a, parent_b, ratio, params.slerp_eps)
         else:
-            child = slerp(parent_a, parent_b, ratio, config.slerp_eps)
-    else:
-        child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
-    if config.mutation_std > 0:
-        child = gaussian_mutation(key_noise, child, config.mutation_std)
-    return child
+            child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
+        if self.mutation:
+            child = gaussian_mutation(key_noise, child, params.mutation_std)
+        return jax.tree.map(lambda x: x[None], child), state
 
+    def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
+        """Each child in turn competes with the N archive models; the lowest fitness leaves."""
+        del key
+        archive_lib.check_candidates(state, children, scores)
+        for i in range(scores.shape[0]):
+            child_scores = scores[i].astype(jnp.float32)
+            _, fitness = resource_fitness(jnp.concatenate([state.scores, child_scores[None]]),
+                                          params.alpha, params.capacity)
+            state, _ = archive_lib.insert_worst_leaves(
+                state, jax.tree.map(lambda x: x[i], children), child_scores, fitness)
+        return state
 
-def tell(state: State, child, child_scores: jax.Array, config: Config,
-         capacity: jax.Array | None = None) -> State:
-    """N archive models and the child compete; the lowest fitness leaves."""
-    scores = jnp.concatenate([state.scores, child_scores[None].astype(jnp.float32)])
-    _, fitness = resource_fitness(scores, config.alpha, capacity)
-    state, _ = archive_lib.insert_worst_leaves(state, child, child_scores, fitness)
-    return state
-
-
-def best(state: State) -> jax.Array:
-    """Slot of the occupied model with the best plain training score (first on ties)."""
-    return jnp.argmax(jnp.where(state.occupied, state.scores.mean(axis=1), -jnp.inf))
-
-
-def m2n2(config: Config, capacity: jax.Array | None = None) -> Algorithm:
-    """M2N2 with `config` (and an optional capacity vector) bound in."""
-    return Algorithm(
-        init=lambda key, models, scores: init(key, models, scores, config, capacity),
-        ask=lambda key, state: ask(key, state, config, capacity),
-        tell=lambda state, child, scores: tell(state, child, scores, config, capacity),
-        best=best,
-    )
+    def best(self, state: Archive):
+        """The occupied model with the best plain training score (first on ties)."""
+        return archive_lib.best(state)

@@ -6,6 +6,7 @@ scores N * M float32; insertion updates one slot in place.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -80,3 +81,18 @@ def insert_worst_leaves(archive: Archive, model, scores: jax.Array, fitness: jax
     accept = dropped < n
     slot = jnp.where(accept, dropped, 0)
     return replace(archive, slot, model, scores, accept), dropped
+
+
+def best(archive: Archive):
+    """(model, mean training score) of the occupied slot with the best mean score, first on ties."""
+    means = jnp.where(archive.occupied, archive.scores.mean(axis=1), -jnp.inf)
+    index = jnp.argmax(means)
+    return get(archive, index), means[index]
+
+
+def check_candidates(archive: Archive, models, scores: jax.Array) -> None:
+    """At trace time: `scores` is (P, M) for P stacked `models` shaped like the archive's."""
+    p = scores.shape[0]
+    chex.assert_shape(scores, (p, archive.scores.shape[1]))
+    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p,) + x.shape[1:], x.dtype), archive.params)
+    chex.assert_trees_all_equal_shapes(models, expected)

@@ -1,10 +1,10 @@
 """Checkpoint and resume a run with orbax-checkpoint: atomic, no pickle.
 
-A checkpoint after `steps` evolution steps holds the full run state:
+A checkpoint after `steps` steps holds the full run state:
   state: every run's algorithm state (archive params, scores, occupancy), as placed
     on the devices (orbax saves sharded arrays, also across hosts);
-  logs: the runs' key data (R, ...) and the logged values so far, train and test
-    (R, steps + 1), NaN where nothing was logged, and wall stamps (steps + 1,);
+  logs: the runs' key data (R, ...) and the logged metrics so far, each (R, steps + 1),
+    NaN where nothing was logged, and wall stamps (steps + 1,);
   meta (JSON): what must match to resume (budget, runs, seeds, log_every, the state's
     shapes and anything the caller adds, e.g. an experiment's command line).
 Orbax writes each checkpoint to a temporary directory and renames it when complete,
@@ -93,16 +93,17 @@ class Store:
             raise ValueError(f"{self.config.directory} already holds a checkpoint (pass {step}); "
                              "resume it (resume=True / --resume) or choose another directory")
 
-    def save(self, passes: int, state, keys: jax.Array, train, test, stamps) -> None:
-        logs = {"keys": np.asarray(jax.random.key_data(keys)), "train": np.asarray(train),
-                "test": np.asarray(test), "wall": np.asarray(stamps)}
+    def save(self, passes: int, state, keys: jax.Array, metrics: dict, stamps) -> None:
+        logs = {"keys": np.asarray(jax.random.key_data(keys)), "metrics": {k: np.asarray(v) for k, v in metrics.items()},
+                "wall": np.asarray(stamps)}
         self.manager.save(passes, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), logs=ocp.args.StandardSave(logs),
             meta=ocp.args.JsonSave(self.meta)))
         self.manager.wait_until_finished()
 
-    def restore(self, passes: int, template_state, keys: jax.Array, num_logged: int):
-        """(state, train, test, stamps) of checkpoint `passes`, placed like `template_state`.
+    def restore(self, passes: int, template_state, keys: jax.Array, metric_names, num_logged: int):
+        """(state, metrics, stamps) of checkpoint `passes`, placed like `template_state`;
+        metrics maps each name to (R, num_logged).
 
         Raises ValueError, changing nothing on disk, if the checkpoint is unreadable or
         belongs to another run (different budget, seeds, keys or model shapes).
@@ -117,8 +118,8 @@ class Store:
             details = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs this run {self.meta.get(k)!r}" for k in diff)
             raise ValueError(f"checkpoint {where} belongs to a different run ({details})")
         key_data = np.asarray(jax.random.key_data(keys))
-        logs_template = {"keys": key_data, "train": np.zeros((key_data.shape[0], num_logged), np.float32),
-                         "test": np.zeros((key_data.shape[0], num_logged), np.float32),
+        logs_template = {"keys": key_data,
+                         "metrics": {k: np.zeros((key_data.shape[0], num_logged), np.float32) for k in metric_names},
                          "wall": np.zeros((num_logged,), np.float64)}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template_state)
         try:
@@ -129,4 +130,5 @@ class Store:
         logs = restored["logs"]
         if not np.array_equal(np.asarray(logs["keys"]), key_data):
             raise ValueError(f"checkpoint {where} was made with other PRNG keys (seeds) than this run")
-        return restored["state"], np.asarray(logs["train"]), np.asarray(logs["test"]), np.asarray(logs["wall"])
+        metrics = {k: np.asarray(v) for k, v in logs["metrics"].items()}
+        return restored["state"], metrics, np.asarray(logs["wall"])

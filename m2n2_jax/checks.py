@@ -1,4 +1,6 @@
-"""Validation at the library's boundaries: clear ValueErrors instead of silent NaNs."""
+"""Validation at the library's boundaries: clear ValueErrors instead of silent NaNs.
+
+The runner stacks seed models with `stack_models`, which names the first leaf that differs."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def check_scores(scores, expected_points: int, what: str) -> None:
         raise ValueError(f"{what}: scores must lie in [0, 1], got range [{scores.min()}, {scores.max()}]")
 
 
-def valid_child(child, scores: jax.Array) -> jax.Array:
-    """On device: True iff the child's params are finite and its scores finite in [0, 1]."""
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(child)]))
+def valid_children(children, scores: jax.Array) -> jax.Array:
+    """On device: True iff every child's params are finite and all scores finite in [0, 1]."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(children)]))
     return finite & jnp.all((scores >= 0) & (scores <= 1))

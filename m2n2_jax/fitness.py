@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 
 def resource_fitness(
-    scores: jax.Array, alpha: float = 1.0, capacity: jax.Array | None = None
+    scores: jax.Array, alpha: float | jax.Array = 1.0, capacity: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Resource-normalised fitness.
 
@@ -18,7 +18,7 @@ def resource_fitness(
 
     Args:
       scores: S, shape (N, M), values in [0, 1].
-      alpha: competition strength; 0 gives the plain summed score.
+      alpha: competition strength (may be traced); 0 gives the plain summed score.
       capacity: c, shape (M,), the supply of each resource; ones if None.
 
     Returns:
@@ -26,7 +26,9 @@ def resource_fitness(
     """
     scores = jnp.asarray(scores)
     total = scores.sum(axis=0)
-    z = jnp.where(total > 0, jnp.power(jnp.where(total > 0, total, 1.0), alpha), 1.0)
+    safe = jnp.where(total > 0, total, 1.0)
+    # alpha may be traced: alpha = 1 and 0 are exact, not exp(alpha * log(total)).
+    z = jnp.where(alpha == 1, safe, jnp.where(alpha == 0, 1.0, jnp.power(safe, alpha)))
     weight = 1.0 / z if capacity is None else capacity / z
     per_point = scores * weight
     return per_point, per_point.sum(axis=1)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -28,32 +28,21 @@ SINGLE = "model.safetensors"
 
 def flatten(params, sep: str = "/") -> dict[str, np.ndarray]:
     """{name: host array} of a pytree of nested dicts, names joined with `sep`."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = []
-        for p in path:
-            if not isinstance(p, jax.tree_util.DictKey) or not isinstance(p.key, str) or sep in p.key:
-                raise ValueError(f"leaf {jax.tree_util.keystr(path)}: only nested dicts with string keys "
-                                 f"free of {sep!r} map to safetensors names")
-            names.append(p.key)
-        flat[sep.join(names)] = np.asarray(leaf)
-    return flat
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in flat.items():
+        if not all(isinstance(k, str) and sep not in k for k in path) or not hasattr(leaf, "shape"):
+            raise ValueError(f"leaf {path}: only nested dicts of arrays with string keys free of {sep!r} "
+                             "map to safetensors names")
+    return {sep.join(path): np.asarray(leaf) for path, leaf in flat.items()}
 
 
 def unflatten(flat: dict, sep: str = "/") -> dict:
     """Nested dicts from {name: array}, splitting names on `sep`."""
-    out: dict = {}
-    for name in sorted(flat):
-        *parents, last = name.split(sep)
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"tensor name {name!r} nests under another tensor's name")
-        if last in node:
-            raise ValueError(f"tensor name {name!r} is both a tensor and a prefix of others")
-        node[last] = flat[name]
-    return out
+    names = sorted(flat)
+    for shorter, longer in zip(names, names[1:]):
+        if longer.startswith(shorter + sep):
+            raise ValueError(f"tensor name {shorter!r} is both a tensor and a prefix of others")
+    return traverse_util.unflatten_dict(flat, sep=sep)
 
 
 def _files(path: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Placement of a run on devices: a Mesh with axes ("runs", "data").
 
-Runs (seeds) are split over the "runs" axis; the datapoints of the training and test
-sets over the "data" axis, each device scoring its slice of every model and the
+Runs (seeds) are split over the "runs" axis; the training datapoints
+over the "data" axis, each device scoring its slice of every model and the
 per-datapoint scores gathered (M floats per model). Parameters are replicated over
 "data". The same code runs on one device, many devices of one host, and, after
 `jax.distributed.initialize()`, the devices of many hosts (`jax.devices()` is then
@@ -20,20 +20,12 @@ from jax.sharding import Mesh
 AXES = ("runs", "data")
 
 
-def make_mesh(data: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("runs", "data") Mesh over `devices` (default `jax.devices()`), `data` of them
-    sharing the datapoints of each group of runs."""
-    devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(data, int) or data < 1 or len(devices) % data:
-        raise ValueError(f"data must be an int >= 1 dividing the {len(devices)} devices, got {data!r}")
-    return Mesh(np.array(devices).reshape(len(devices) // data, data), AXES)
-
-
 def default_mesh(num_runs: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Runs over as many devices as there are runs (the largest divisor of the device
     count not above R); the remaining factor shares the datapoints."""
     devices = list(jax.devices() if devices is None else devices)
-    return make_mesh(len(devices) // runs_axis_size(num_runs, len(devices)), devices)
+    runs = runs_axis_size(num_runs, len(devices))
+    return Mesh(np.array(devices).reshape(runs, len(devices) // runs), AXES)
 
 
 def runs_axis_size(num_runs: int, num_devices: int) -> int:
@@ -43,8 +35,11 @@ def runs_axis_size(num_runs: int, num_devices: int) -> int:
 
 def check_mesh(mesh: Mesh) -> Mesh:
     if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
-        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES} (see make_mesh), got {mesh!r}")
-    return mesh
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES}, e.g. "
+                         f"jax.make_mesh((runs, data), {AXES}); got {mesh!r}")
+    # jax.make_mesh gives Explicit axes by default, under which shard_map refuses the
+    # runner's unplaced inputs; the runner places its arrays itself (Auto axes).
+    return Mesh(mesh.devices, AXES)
 
 
 def pad_points(data, multiple: int):

@@ -1,104 +1,109 @@
 """MAP-Elites baseline (Mouret & Clune, 2015) as used in the M2N2 paper.
 
-A grid of `bins` x `bins` cells over a 2-D descriptor in [0, 1]^2 computed from a
-model's per-datapoint scores (for digits: accuracy on odd and on even digits); the
-quality is the plain training score. Both parents are drawn proportionally to quality
-among filled cells, merged with the split-point slerp and mutated; the child takes its
-cell if the cell is empty or it is strictly better.
+A grid of `bins` x `bins` cells over a 2-D descriptor in [0, 1]^2 of a model's
+per-datapoint scores, descriptor = W @ scores with W (2, M) in `Params` (for digits:
+accuracy on odd and on even digits; for the paper's LLM run: each skill's accuracy, a
+4 x 4 grid); the quality is the plain training score. Both parents are drawn
+proportionally to quality among filled cells, merged with the split-point slerp and
+mutated; the child takes its cell if the cell is empty or it is strictly better.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from m2n2_jax import archive as archive_lib
-from m2n2_jax.algorithm import Algorithm, best
 from m2n2_jax.archive import Archive
+from m2n2_jax.base import Algorithm
 from m2n2_jax.merge import num_params, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample
 
 
-@dataclasses.dataclass(frozen=True)
-class MapElitesConfig:
-    """Hyperparameters of the MAP-Elites baseline.
-
-    Attributes:
-      descriptor_fn: scores (M,) -> (2,) descriptor in [0, 1] (a pure jnp function).
-      bins: cells per descriptor axis; the archive has bins**2 slots.
-      mutation_std: Gaussian mutation std (0 for pre-trained merging).
+@struct.dataclass
+class Params:
+    """Attributes:
+      descriptor: W, float (2, M); a model's descriptor is W @ scores, in [0, 1]^2.
+      mutation_std: Gaussian mutation std (used when `MapElites.mutation` is on).
       slerp_eps: linear-interpolation threshold of the merge.
     """
 
-    descriptor_fn: Callable[[jax.Array], jax.Array]
+    descriptor: jax.Array | None = None
+    mutation_std: jax.Array = 0.01
+    slerp_eps: jax.Array = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MapElites(Algorithm):
+    """Attributes:
+      bins: cells per descriptor axis; the archive has bins**2 slots.
+      mutation: mutate each child.
+    """
+
     bins: int = 10
-    mutation_std: float = 0.01
-    slerp_eps: float = 1e-6
+    mutation: bool = True
 
     def __post_init__(self):
         if not isinstance(self.bins, int) or self.bins < 1:
             raise ValueError(f"bins must be an int >= 1, got {self.bins!r}")
-        if not self.mutation_std >= 0:
-            raise ValueError(f"mutation_std must be >= 0, got {self.mutation_std!r}")
+
+    def default_params(self) -> Params:
+        """Without a descriptor: set one with `group_descriptor` (`params.replace(descriptor=...)`)."""
+        return Params(mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6))
+
+    def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
+        if params.descriptor is None:
+            raise ValueError("MAP-Elites needs Params.descriptor, a (2, M) matrix (see group_descriptor)")
+        if params.descriptor.shape != (2, seed_scores.shape[1]):
+            raise ValueError(f"Params.descriptor must have shape (2, {seed_scores.shape[1]}), "
+                             f"got {params.descriptor.shape}")
+        template = jax.tree.map(lambda x: x[0], seed_models)
+        state = archive_lib.empty(template, self.bins**2, seed_scores.shape[1])
+        return self.tell(key, state, seed_models, seed_scores, params)
+
+    def ask(self, key, state: Archive, params: Params):
+        """Two parents ~ quality, split-point slerp, mutation: one child, stacked (1, ...)."""
+        key_a, key_b, key_ratio, key_split, key_noise = jax.random.split(key, 5)
+        probs = proportional(state.scores.mean(axis=1), state.occupied)
+        parent_a = archive_lib.get(state, sample(key_a, probs))
+        parent_b = archive_lib.get(state, sample(key_b, probs))
+        split = jax.random.randint(key_split, (), 0, num_params(parent_a))
+        child = split_point_slerp(parent_a, parent_b, jax.random.uniform(key_ratio), split, params.slerp_eps)
+        if self.mutation:
+            child = gaussian_mutation(key_noise, child, params.mutation_std)
+        return jax.tree.map(lambda x: x[None], child), state
+
+    def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
+        """Each child takes its cell if the cell is empty or its quality is strictly higher."""
+        del key
+        archive_lib.check_candidates(state, children, scores)
+        for i in range(scores.shape[0]):
+            child_scores = scores[i].astype(jnp.float32)
+            index = cell(params.descriptor @ child_scores, self.bins)
+            better = child_scores.mean() > state.scores[index].mean()
+            accept = ~state.occupied[index] | better
+            state = archive_lib.replace(state, index, jax.tree.map(lambda x: x[i], children), child_scores, accept)
+        return state
+
+    def best(self, state: Archive):
+        return archive_lib.best(state)
 
 
-def group_means(groups: jax.Array, num_groups: int = 2) -> Callable[[jax.Array], jax.Array]:
-    """A descriptor_fn giving the mean score over each datapoint group.
+def group_descriptor(groups, num_groups: int = 2) -> jax.Array:
+    """W (num_groups, M): row g averages the scores of the datapoints in group g.
 
     Args:
-      groups: int (M,), group id in [0, num_groups) of each datapoint.
+      groups: int (M,), the group id in [0, num_groups) of each datapoint.
     """
     one_hot = jax.nn.one_hot(jnp.asarray(groups), num_groups, dtype=jnp.float32).T
-    weights = one_hot / jnp.maximum(one_hot.sum(axis=1, keepdims=True), 1.0)
-    return lambda scores: weights @ scores
+    return one_hot / jnp.maximum(one_hot.sum(axis=1, keepdims=True), 1.0)
 
 
 def cell(descriptor: jax.Array, bins: int) -> jax.Array:
     """Flat cell index of a descriptor in [0, 1]^2 (1.0 falls in the last bin)."""
     ij = jnp.clip(jnp.floor(descriptor * bins).astype(jnp.int32), 0, bins - 1)
     return ij[0] * bins + ij[1]
-
-
-def init(key, seed_models, seed_scores, config: MapElitesConfig) -> Archive:
-    """An empty grid with the seed models inserted in order."""
-    del key
-    template = jax.tree.map(lambda x: x[0], seed_models)
-    state = archive_lib.empty(template, config.bins**2, seed_scores.shape[1])
-    for i in range(seed_scores.shape[0]):
-        state = tell(state, jax.tree.map(lambda x: x[i], seed_models), seed_scores[i], config)
-    return state
-
-
-def ask(key, state: Archive, config: MapElitesConfig):
-    """Two parents ~ quality, split-point slerp, mutation."""
-    key_a, key_b, key_ratio, key_split, key_noise = jax.random.split(key, 5)
-    probs = proportional(state.scores.mean(axis=1), state.occupied)
-    parent_a = archive_lib.get(state, sample(key_a, probs))
-    parent_b = archive_lib.get(state, sample(key_b, probs))
-    split = jax.random.randint(key_split, (), 0, num_params(parent_a))
-    child = split_point_slerp(parent_a, parent_b, jax.random.uniform(key_ratio), split, config.slerp_eps)
-    if config.mutation_std > 0:
-        child = gaussian_mutation(key_noise, child, config.mutation_std)
-    return child
-
-
-def tell(state: Archive, child, child_scores, config: MapElitesConfig) -> Archive:
-    """The child takes its cell if empty or if its quality is strictly higher."""
-    index = cell(config.descriptor_fn(child_scores), config.bins)
-    better = child_scores.mean() > state.scores[index].mean()
-    accept = ~state.occupied[index] | better
-    return archive_lib.replace(state, index, child, child_scores.astype(jnp.float32), accept)
-
-
-def map_elites(config: MapElitesConfig) -> Algorithm:
-    """MAP-Elites with `config` bound in, for `runner.run`."""
-    return Algorithm(
-        init=lambda key, models, scores: init(key, models, scores, config),
-        ask=lambda key, state: ask(key, state, config),
-        tell=lambda state, child, scores: tell(state, child, scores, config),
-        best=best,
-    )

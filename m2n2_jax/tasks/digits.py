@@ -1,0 +1,80 @@
+"""The paper's digits task: scikit-learn's 8x8 digits and an MLP 64 -> 256 (ReLU) -> 10.
+
+Data: the raw pixel values 0..16 (not rescaled), the first 80 % for training (1,437
+images) and the rest for test (360), as SPEC.md states; they ship with scikit-learn,
+so nothing is downloaded.
+
+Model: a tuple of `Dense(kernel, bias)` layers, so `ravel_pytree` lays the parameters
+out as W1, b1, W2, b2 like the paper's flat vector, and a split point cuts the same
+coordinates as in the paper's code (D = 19,210 for the paper's widths).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INPUTS, CLASSES = 64, 10
+
+
+class Dense(NamedTuple):
+    kernel: jax.Array  # (inputs, outputs)
+    bias: jax.Array  # (outputs,)
+
+
+def load_digits(train_fraction: float = 0.8):
+    """((x_train, y_train), (x_test, y_test)) as float32 (M, 64) and int32 (M,) arrays."""
+    from sklearn.datasets import load_digits as _load
+
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+    x, y = _load(return_X_y=True)
+    n_train = int(len(x) * train_fraction)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def parity_groups(labels) -> np.ndarray:
+    """Group id per datapoint: 0 for odd digits, 1 for even (MAP-Elites descriptor)."""
+    return (np.asarray(labels) % 2 == 0).astype(np.int32)
+
+
+def widths(hidden: int = 256) -> tuple[int, ...]:
+    return (INPUTS, hidden, CLASSES)
+
+
+def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
+    """The MLP whose flat vector, in ravel order W1, b1, W2, b2, ..., is `flat` (D,)."""
+    layers, offset = [], 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        kernel = flat[offset : offset + n_in * n_out].reshape(n_in, n_out)
+        bias = flat[offset + n_in * n_out : offset + n_in * n_out + n_out]
+        layers.append(Dense(kernel, bias))
+        offset += n_in * n_out + n_out
+    return tuple(layers)
+
+
+def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01) -> tuple[Dense, ...]:
+    """Every coordinate drawn from N(0, std^2) as one flat vector (SPEC's random seeds)."""
+    sizes = widths(hidden)
+    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    return mlp_from_flat(std * jax.random.normal(key, (d,), jnp.float32), sizes)
+
+
+def mlp_apply(params: Sequence[Dense], x: jax.Array) -> jax.Array:
+    """Logits (M, 10) of inputs x (M, 64); ReLU between layers."""
+    for i, layer in enumerate(params):
+        x = x @ layer.kernel + layer.bias
+        if i < len(params) - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def classification_scores(params, batch) -> jax.Array:
+    """1.0 where the MLP's argmax equals the label, else 0.0: (M,) for batch (x (M, 64), y (M,))."""
+    x, y = batch
+    return (jnp.argmax(mlp_apply(params, x), axis=-1) == y).astype(jnp.float32)
+

@@ -1,0 +1,81 @@
+"""The methods of the paper's experiments by name: each an (algorithm, params) pair.
+
+M2N2's ablations are static switches of `M2N2` plus, for the GA, alpha = 0 in its
+params; the baselines are values of the same contract, so every method runs through
+`m2n2_jax.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from m2n2_jax.algorithm import M2N2
+from m2n2_jax.baselines.brute_force import SlerpGrid
+from m2n2_jax.baselines.map_elites import MapElites
+
+M2N2_VARIANTS = {  # name -> (static switches, alpha)
+    "m2n2": ({}, 1.0),
+    "m2n2-no-crossover": ({"crossover": False}, 1.0),
+    "m2n2-no-splitpoint": ({"split_point": False}, 1.0),
+    "m2n2-no-attraction": ({"attraction": False}, 1.0),
+    "ga": ({"attraction": False}, 0.0),
+    "ga-no-crossover": ({"attraction": False, "crossover": False}, 0.0),
+}
+ES = {"cma-es": "CMA_ES", "sep-cma-es": "Sep_CMA_ES"}  # evosax class names
+METHODS = tuple(M2N2_VARIANTS) + ("map-elites", "brute-force") + tuple(ES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the methods need beyond their name.
+
+    Attributes:
+      mutation_std: 0.01 from scratch; 0 merges pre-trained models without mutation.
+      archive_size: N of the M2N2 family.
+      descriptor: (2, M) MAP-Elites descriptor matrix (`group_descriptor`).
+      bins: MAP-Elites cells per axis.
+      num_ratios: brute-force grid size (the budget).
+      population: ES population size.
+      std_init: ES initial step size.
+      template: a model (or its ShapeDtypeStructs) for the ES.
+    """
+
+    mutation_std: float = 0.01
+    archive_size: int = 20
+    descriptor: object = None
+    bins: int = 10
+    num_ratios: int = 10_000
+    population: int = 20
+    std_init: float = 0.01
+    template: object = None
+
+
+def make_method(name: str, settings: Settings = Settings()):
+    """(algorithm, params) of the method called `name` (one of METHODS)."""
+    mutation = settings.mutation_std > 0
+    std = jnp.float32(settings.mutation_std)
+    if name in M2N2_VARIANTS:
+        switches, alpha = M2N2_VARIANTS[name]
+        algorithm = M2N2(archive_size=settings.archive_size, mutation=mutation, **switches)
+        return algorithm, algorithm.default_params().replace(alpha=jnp.float32(alpha), mutation_std=std)
+    if name == "map-elites":
+        if settings.descriptor is None:
+            raise ValueError("map-elites needs a descriptor matrix (2, M)")
+        algorithm = MapElites(bins=settings.bins, mutation=mutation)
+        params = algorithm.default_params().replace(descriptor=jnp.asarray(settings.descriptor, jnp.float32),
+                                                    mutation_std=std)
+        return algorithm, params
+    if name == "brute-force":
+        return SlerpGrid(num_ratios=settings.num_ratios), None
+    if name in ES:
+        from evosax import algorithms  # the experiments extra
+
+        from m2n2_jax.baselines.evosax_es import EvosaxES
+
+        if settings.template is None:
+            raise ValueError(f"{name} needs a model template")
+        algorithm = EvosaxES.for_model(getattr(algorithms, ES[name]), settings.template, settings.population)
+        return algorithm, algorithm.default_params().replace(std_init=jnp.float32(settings.std_init))
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
