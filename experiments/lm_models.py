@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from m2n2_jax.data import skills
-from m2n2_jax.models.transformer import Transformer, sequence_loss
+import harness
+from m2n2_jax.tasks import skills
+from m2n2_jax.tasks.transformer import Transformer, sequence_loss
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
 
@@ -57,6 +57,8 @@ class Training:
     def __post_init__(self):
         if not 0 <= sum(w for _, w in self.finetune_replay) < 1:
             raise ValueError(f"finetune_replay weights must sum to [0, 1), got {self.finetune_replay}")
+        if not sum(w for _, w in self.base_mixture) > 0:
+            raise ValueError(f"base_mixture weights must sum to > 0, got {self.base_mixture}")
         if len(self.specialists) != 2 or self.specialists[0] == self.specialists[1]:
             raise ValueError(f"specialists must be two different skills, got {self.specialists}")
 
@@ -81,15 +83,11 @@ def train(model, params, data, steps: int, learning_rate: float, batch: int, key
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1))
     prompts, answers = data
 
-    def step(carry, k):
-        params, opt_state = carry
+    def loss_fn(params, k):
         idx = jax.random.randint(k, (batch,), 0, prompts.shape[0])
-        loss, grads = jax.value_and_grad(lambda p: sequence_loss(model, p, prompts[idx], answers[idx]))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        return sequence_loss(model, params, prompts[idx], answers[idx])
 
-    (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, steps))
-    return params, losses
+    return harness.train(loss_fn, params, optimizer, jax.random.split(key, steps))
 
 
 def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
@@ -122,18 +120,7 @@ def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
                 f"{time.perf_counter() - t0:.0f} s")
         return out
 
-    base = _cached(os.path.join(cache, t.base_tag()), {"base": template}, pretrain)["base"]
-    return {"base": base, **_cached(os.path.join(cache, t.tag()), {s: template for s in t.specialists}, finetune)}
-
-
-def _cached(path: str, template, make):
-    """The tree saved at `path` (orbax), or make() saved there (the base is cached on its
-    own, so that other fine-tuning settings reuse it)."""
-    path, checkpointer = os.path.abspath(path), ocp.StandardCheckpointer()
-    if os.path.isdir(path):
-        return checkpointer.restore(path, template)
-    tree = make()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    checkpointer.save(path, tree)  # orbax writes to a temporary directory and renames it
-    checkpointer.wait_until_finished()
-    return tree
+    # The base is cached on its own, so that other fine-tuning settings reuse it.
+    base = harness.cached(os.path.join(cache, t.base_tag()), {"base": template}, pretrain)["base"]
+    return {"base": base,
+            **harness.cached(os.path.join(cache, t.tag()), {s: template for s in t.specialists}, finetune)}

@@ -1,16 +1,14 @@
 """Shared fixtures: small random problems and NumPy references used across tests.
 
-Tests run with two forced CPU devices (set before jax is imported) so that the
+Tests run with two CPU devices (set before jax runs anything) so that the
 multi-device path of the runner is exercised on any machine.
 """
 
-import os
+import jax
+import numpy as np
+import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+jax.config.update("jax_num_cpu_devices", 2)
 
 
 @pytest.fixture

@@ -1,18 +1,15 @@
 """The experiment scripts' command lines and JSON fields are a contract: check them."""
 
+import hashlib
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import from_scratch  # noqa: E402
-import plot  # noqa: E402
+import from_scratch
+import plot
 
 CONTRACT = {"method", "forward_passes", "runs", "seeds", "final_test_accuracy", "final_train_accuracy",
-            "curve", "wall_seconds", "jax_version", "device"}
+            "curve", "wall_seconds", "jax_version", "device", "machine"}
 
 
 def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
@@ -25,6 +22,7 @@ def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
     assert len(record["final_test_accuracy"]) == 2
     assert set(record["curve"]) >= {"forward_passes", "test_accuracy_mean", "test_accuracy_stderr"}
     assert record["curve"]["forward_passes"] == [100, 120]
+    assert {"processor", "versions"} <= set(record["machine"]) and record["machine"]["versions"]["jax"]
     plot.main([str(tmp_path)])
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert len(record["curve"]["wall_seconds"]) == 2
@@ -32,22 +30,50 @@ def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], "unknown method"),
-    (["--runs", "0"], "--runs"),
-    (["--forward-passes", "1"], "forward_passes"),
-    (["--archive-size", "1"], "archive_size"),
-])
-def test_from_scratch_rejects_bad_arguments(tmp_path, argv, message):
-    with pytest.raises(SystemExit, match=message):
-        from_scratch.main(argv + ["--out", str(tmp_path), "--no-progress", "--hidden", "8"])
+BAD = [
+    (["--method", "nope"], "invalid choice"),
+    (["--runs", "0"], "--runs must be > 0"),
+    (["--runs", "-3"], "--runs must be > 0"),
+    (["--forward-passes", "0"], "--forward-passes must be > 0"),
+    (["--archive-size", "1"], "--archive-size must be >= 2"),
+    (["--hidden", "0"], "--hidden must be > 0"),
+    (["--log-every", "0"], "--log-every must be > 0"),
+    (["--mutation-std", "-0.1"], "--mutation-std must be >= 0"),
+    (["--mutation-std", "nan"], "--mutation-std must be >= 0"),
+    (["--std-init", "0"], "--std-init must be > 0"),
+    (["--population", "1"], "--population must be >= 2"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be > 0"),
+    (["--time-limit", "0"], "--time-limit must be > 0"),
+    (["--generations-per-call", "0"], "--generations-per-call must be > 0"),
+    (["--forward-passes", "2"], "forward_passes must be an int >= seeds"),  # refused by the runner
+    (["--method", "cma-es", "--forward-passes", "15"], "forward_passes must be an int >= seeds"),
+    (["--resume", "/nonexistent/dir"], "no such checkpoint directory"),
+]
 
 
-def test_from_scratch_runs_the_evosax_baselines(tmp_path):
-    record = from_scratch.main(["--method", "sep-cma-es", "--runs", "2", "--forward-passes", "200", "--population", "20",
-                                "--out", str(tmp_path), "--hidden", "8", "--no-progress"])
-    assert CONTRACT <= set(record) and record["curve"]["forward_passes"] == [100, 200]
-    assert record["population"] == 20 and record["std_init"] == 0.01
-    with pytest.raises(SystemExit, match="multiple of the population"):
-        from_scratch.main(["--method", "cma-es", "--forward-passes", "210", "--out", str(tmp_path),
-                           "--hidden", "8", "--no-progress"])
+def test_refused_runs_exit_with_one_line_and_leave_results_untouched(tmp_path, capsys):
+    """Every value is checked before any work; a refused run never touches OUT/METHOD.json."""
+    out = tmp_path / "m2n2.json"
+    out.write_text('{"earlier": "result"}')
+    for method in ("m2n2", "cma-es"):
+        (tmp_path / f"{method}.json").write_text('{"earlier": "result"}')
+    digest = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    for argv, message in BAD:
+        with pytest.raises(SystemExit) as e:
+            from_scratch.main(["--out", str(tmp_path), "--no-progress", "--hidden", "8"] + argv)
+        error = str(e.value) if e.value.code not in (0, 2) else capsys.readouterr().err
+        assert message in error, (argv, error)
+        assert e.value.code != 0
+    assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == digest
+
+
+def test_from_scratch_runs_the_evosax_baselines_with_a_time_limit(tmp_path):
+    record = from_scratch.main(["--method", "sep-cma-es", "--runs", "2", "--forward-passes", "201",
+                                "--population", "20", "--out", str(tmp_path), "--hidden", "8", "--no-progress"])
+    assert CONTRACT <= set(record) and record["curve"]["forward_passes"] == [101, 201]
+    assert record["population"] == 20 and record["std_init"] == 0.01 and not record["stopped_by_time_limit"]
+    stopped = from_scratch.main(["--method", "sep-cma-es", "--runs", "2", "--forward-passes", "2001",
+                                 "--time-limit", "1e-3", "--generations-per-call", "2", "--out", str(tmp_path),
+                                 "--hidden", "8", "--no-progress"])
+    assert stopped["stopped_by_time_limit"] and stopped["forward_passes"] == 41
+    assert stopped["budget_forward_passes"] == 2001

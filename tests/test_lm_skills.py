@@ -1,18 +1,15 @@
 """experiments/lm_skills.py: its command line and JSON fields are a contract."""
 
 import argparse
+import hashlib
 import json
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import lm_models  # noqa: E402
-import lm_skills  # noqa: E402
+import lm_models
+import lm_skills
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--batch", "16", "--pool", "300",
         "--base-steps", "4", "--finetune-steps", "3", "--train-questions", "6", "--test-questions", "5",
@@ -64,6 +61,32 @@ def test_mixture_argument_and_training_validation():
         lm_models.Training(finetune_replay=(("copy", 0.6), ("addition_short", 0.4)))
     with pytest.raises(ValueError, match="different"):
         lm_models.Training(specialists=("reversal", "reversal"))
-    for argv in (["--skills", "reversal", "reversal"], ["--finetune-replay", "copy:0.7,addition_short:0.3"]):
-        with pytest.raises(SystemExit):
-            lm_skills.main(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skills", "reversal", "reversal"], "different"),
+    (["--skills", "reversal"], "--skills"),
+    (["--finetune-replay", "copy:0.7,addition_short:0.3"], "sum"),
+    (["--base-mixture", "copy:0"], "sum to > 0"),
+    (["--base-mixture", "copy:nan"], "finite"),
+    (["--runs", "0"], "--runs must be > 0"),
+    (["--forward-passes", "3"], "--forward-passes must be >= 4"),
+    (["--archive-size", "1"], "--archive-size must be >= 2"),
+    (["--train-questions", "0"], "--train-questions must be > 0"),
+    (["--base-lr", "nan"], "--base-lr must be > 0"),
+    (["--d-model", "10", "--num-heads", "4"], "multiple of --num-heads"),
+    (["--data-seed", "-1"], "--data-seed must be >= 0"),
+])
+def test_refused_runs_exit_2_with_one_line_and_touch_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lm_skills.json").write_text('{"earlier": "result"}')
+    before = hashlib.sha1((out / "lm_skills.json").read_bytes()).hexdigest()
+    # TINY first (the case overrides it): a check that failed to refuse would run a tiny experiment, not a long one.
+    with pytest.raises(SystemExit) as e:
+        lm_skills.main(TINY + argv + ["--out", str(out), "--cache", str(tmp_path / "cache")])
+    error = capsys.readouterr().err
+    assert e.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["lm_skills.json"]
+    assert hashlib.sha1((out / "lm_skills.json").read_bytes()).hexdigest() == before

@@ -112,3 +112,12 @@ def test_jax_arrays_are_saved_too(tmp_path):
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(2, jnp.bfloat16)}
     save(params, str(tmp_path / "j.safetensors"))
     assert_same(load(str(tmp_path / "j.safetensors")), jax.tree.map(np.asarray, params))
+
+
+def test_names_that_cannot_round_trip_are_refused():
+    with pytest.raises(ValueError, match="string keys"):
+        flatten({"a/b": np.zeros(2)})  # the separator inside a key
+    with pytest.raises(ValueError, match="string keys"):
+        flatten({"a": [np.zeros(2)]})  # a list is not a named tensor
+    with pytest.raises(ValueError, match="both a tensor and a prefix"):
+        unflatten({"a": np.zeros(2), "a/b": np.zeros(2)})

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from m2n2_jax.data import skills
+from m2n2_jax.tasks import skills
 
 
 def test_questions_are_correct_distinct_and_avoid_excluded():
@@ -45,8 +45,15 @@ def test_tokenize_pads_prompts_left_and_answers_right():
 
 
 def test_mixture_follows_the_weights_and_excludes():
-    rng = np.random.default_rng(0)
-    test = {p for p, _ in skills.questions("reversal", 50, rng)}
-    mix = skills.mixture({"copy": 3.0, "addition": 1.0}, 4000, rng, exclude=test)
-    share = np.mean([p.startswith("c:") for p, _ in mix])
-    assert abs(share - 0.75) < 0.03 and not {p for p, _ in mix} & test
+    # The excluded prompts are of a kind the mixture draws: every 3-letter reversal,
+    # about a quarter of the reversal questions when nothing is excluded.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    test = {f"r:{a}{b}{c}=" for a in letters for b in letters for c in letters}
+    weights = {"copy": 3.0, "reversal": 1.0}
+    unfiltered = skills.mixture(weights, 4000, np.random.default_rng(0))
+    assert sum(p in test for p, _ in unfiltered) > 100  # without exclusion the test prompts do come up
+    mix = skills.mixture(weights, 4000, np.random.default_rng(0), exclude=test)
+    assert len(mix) == 4000 and not {p for p, _ in mix} & test
+    reversal = [p for p, _ in mix if p.startswith("r:")]
+    assert abs(np.mean([p.startswith("c:") for p, _ in mix]) - 0.75) < 0.03 and len(reversal) > 800
+    assert {len(p) - 3 for p in reversal} == {4, 5, 6}  # the other reversal questions still come

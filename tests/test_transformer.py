@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2n2_jax.models.transformer import Transformer, exact_match_scores, greedy_decode, sequence_loss
+from m2n2_jax.tasks.transformer import Transformer, exact_match_scores, greedy_decode, sequence_loss
 
 VOCAB, MAX_LEN, D, HEADS = 11, 9, 16, 2
 

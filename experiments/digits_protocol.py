@@ -1,0 +1,87 @@
+"""What the two digits experiments share: their settings and one run of a method.
+
+Both write OUT/METHOD.json (fields: `harness.run_record`, plus the settings that change
+a result); a refused or failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+import harness
+import m2n2_jax as mj
+from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from m2n2_jax.tasks import digits, methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """The command line of experiments/from_scratch.py and experiments/pretrained.py (a contract)."""
+
+    method: str = flag("m2n2", "the method (see --help's choices)")
+    runs: int = flag(10, "independent runs (seeds)", POSITIVE)
+    forward_passes: int = flag(50_000, "budget per run, seeds included", POSITIVE)
+    seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
+    out: str = flag("experiments/results/from_scratch", "output directory", result=False)
+    hidden: int = flag(256, "MLP hidden width (paper: 256)", POSITIVE)
+    archive_size: int = flag(20, "archive size of the M2N2 family", AT_LEAST_2)
+    mutation_std: float = flag(0.01, "Gaussian mutation std (0: no mutation)", NON_NEGATIVE)
+    log_every: int = flag(100, "log every this many passes", POSITIVE)
+    population: int = flag(20, "ES population size", AT_LEAST_2)
+    std_init: float = flag(0.01, "ES initial step size sigma_0", POSITIVE)
+    no_progress: bool = flag(False, "no progress bar", result=False)
+    time_limit: float | None = flag(None, "stop after the first compiled call that ends past this many seconds; "
+                                          "the JSON then records the passes spent", POSITIVE, result=False)
+    generations_per_call: int | None = flag(None, "steps (ES: generations) per compiled call", POSITIVE, result=False)
+    checkpoint_every: int | None = flag(None, "save the whole run with orbax every this many passes",
+                                        POSITIVE, result=False)
+    checkpoint_dir: str | None = flag(None, "default: OUT/checkpoints/METHOD", result=False)
+    resume: str | None = flag(None, "continue the run checkpointed in DIR (same settings); keeps checkpointing there",
+                              result=False)
+
+
+def checkpointing(spec: Protocol, experiment: str) -> mj.Checkpointing | None:
+    """The run's `Checkpointing`; its metadata is the settings that change the result."""
+    if spec.resume is None and spec.checkpoint_every is None:
+        return None
+    meta = {"experiment": experiment, **harness.result_fields(spec)}
+    every = spec.checkpoint_every or 1000
+    if spec.resume is not None:
+        if not os.path.isdir(spec.resume):
+            raise SystemExit(f"error: --resume {spec.resume}: no such checkpoint directory")
+        return mj.Checkpointing(spec.resume, every, resume=True, meta=meta)
+    return mj.Checkpointing(spec.checkpoint_dir or os.path.join(spec.out, "checkpoints", spec.method), every, meta=meta)
+
+
+def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, seed_fn=None, **extra) -> dict:
+    """Run `spec.method` through `m2n2_jax.run`, write OUT/METHOD.json, return the record."""
+    template = digits.init_mlp(jax.random.key(0), spec.hidden)
+    settings = methods.Settings(
+        mutation_std=spec.mutation_std, archive_size=spec.archive_size,
+        descriptor=mj.group_descriptor(digits.parity_groups(train[1])), num_ratios=spec.forward_passes,
+        population=spec.population, std_init=spec.std_init, template=template)
+    try:
+        algorithm, params = methods.make_method(spec.method, settings)
+        result = mj.run(algorithm, harness.run_keys(spec.seed, spec.runs), digits.classification_scores, train,
+                        spec.forward_passes, params=params, seed_models=seed_models, seed_fn=seed_fn,
+                        test_data=test, log_every=spec.log_every, steps_per_call=spec.generations_per_call,
+                        checkpoint=checkpointing(spec, experiment), time_limit=spec.time_limit,
+                        progress=not spec.no_progress)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if isinstance(algorithm, mj.SlerpGrid):
+        extra["best_ratio"] = float(result.state.best_ratio[0])
+    record = harness.run_record(
+        spec.method, list(range(spec.seed, spec.seed + spec.runs)), result, experiment=experiment,
+        settings=harness.result_fields(spec), hidden=spec.hidden, num_params=mj.num_params(template),
+        archive_size=spec.archive_size, mutation_std=spec.mutation_std, budget_forward_passes=spec.forward_passes,
+        **extra)
+    path = os.path.join(spec.out, f"{spec.method}.json")
+    record = harness.write_json(path, record)
+    print(f"{spec.method}: final test accuracy {record['final_test_accuracy_mean']:.4f} "
+          f"± {record['final_test_accuracy_stderr']:.4f} (stderr, {spec.runs} runs), "
+          f"{result.wall_seconds:.1f} s -> {path}")
+    return record
