@@ -5,8 +5,10 @@
 D = 75 * hidden + 10 for the digits MLP (hidden 256: D = 19,210). Each (method, width)
 runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. The
 time per pass excludes compilation: after a warm-up call, two budgets are run in the
-same process and the difference is divided by the difference in passes. One run, population 20, the same
-data and model as experiments/from_scratch.py. A method whose child process exceeds
+same process and the difference is divided by the difference in passes (the seeds'
+passes, 2 for M2N2 and 1 for the ES, cancel out). One run, ES population 20, the same
+data, model and methods as experiments/from_scratch.py (m2n2_jax.tasks.methods), all
+through `m2n2_jax.run`. A method whose child process exceeds
 --timeout is recorded as such and larger widths of it are skipped. Writes
 OUT/cost_scaling.json and OUT/cost_scaling.png (log-log).
 """
@@ -19,12 +21,11 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "experiments"))
 
 METHODS = ("m2n2", "sep-cma-es", "cma-es")
+POPULATION = 20  # ES models per generation
 
 
 def measure(method: str, hidden: int, generations: tuple[int, int]) -> dict:
@@ -32,29 +33,25 @@ def measure(method: str, hidden: int, generations: tuple[int, int]) -> dict:
     import jax
 
     import m2n2_jax as mj
-    from common import digits_problem, run_keys
-    from m2n2_jax.baselines.evosax_es import run_es
-    from m2n2_jax.models.mlp import random_params
+    from m2n2_jax.tasks import digits, methods
 
-    model, score_fn, train, test, _ = digits_problem(hidden)
-    init = lambda key: random_params(key, model, 64)
-    d = mj.num_params(init(jax.random.key(0)))
-    passes = [20 * g for g in generations]
-    walls = []
+    train, test = digits.load_digits()
+    template = digits.init_mlp(jax.random.key(0), hidden)
+    d = mj.num_params(template)
+    passes = [POPULATION * g for g in generations]
     budgets = [passes[0]] + passes  # the first call warms up (one-time costs) and is dropped
-    if method == "m2n2":
-        algo = mj.m2n2(mj.Config())
-        seeds = lambda key: jax.vmap(init)(jax.random.split(key, 2))
-        for p in budgets:
-            result = mj.run(run_keys(42, 1), seeds, score_fn, train, p + 2, algo, test_data=test,
-                            steps_per_call=20, progress=False)
-            walls.append(result.wall_seconds)
-    else:
-        for p in budgets:
-            t = time.perf_counter()
-            run_es(run_keys(42, 1), method, init, score_fn, train, p, test_data=test,
-                   generations_per_call=1, progress=False)
-            walls.append(time.perf_counter() - t)
+    # As experiments/from_scratch.py: M2N2 from two random seeds (one child per step),
+    # the ES from one (sigma_0 = 0.01, a population of 20 per step); seeds cost S passes.
+    num_seeds = 2 if method == "m2n2" else 1
+    algorithm, params = methods.make_method(method, methods.Settings(population=POPULATION, template=template))
+    seed_fn = lambda key: jax.vmap(lambda k: digits.init_mlp(k, hidden))(jax.random.split(key, num_seeds))
+    steps_per_call = POPULATION if method == "m2n2" else 1  # the same compiled call for both budgets
+    keys = jax.random.key(42)[None]
+    walls = []
+    for p in budgets:
+        result = mj.run(algorithm, keys, digits.classification_scores, train, num_seeds + p, params=params,
+                        seed_fn=seed_fn, test_data=test, steps_per_call=steps_per_call, progress=False)
+        walls.append(result.wall_seconds)
     walls = walls[1:]
     seconds = (walls[1] - walls[0]) / (passes[1] - passes[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -99,6 +96,7 @@ def main(argv=None) -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), tuple(args.generations))))
         return
+    os.makedirs(args.out, exist_ok=True)
     rows, skip = [], set()
     for hidden in sorted(args.hidden):
         for method in args.methods:
@@ -125,7 +123,6 @@ def main(argv=None) -> None:
             if "seconds_per_pass" in row:
                 with open(os.path.join(args.out, "cost_scaling.json"), "w") as f:
                     json.dump({"rows": rows}, f, indent=1)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cost_scaling.json"), "w") as f:
         import jax
         json.dump({"rows": rows, "jax_version": jax.__version__, "cores": os.cpu_count()}, f, indent=1)

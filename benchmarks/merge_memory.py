@@ -137,25 +137,29 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
 
 
 def archive_step(params: int, archive_size: int = 20, points: int = 1000) -> dict:
-    """XLA memory accounting of one donated ask + tell on a full archive."""
+    """XLA memory accounting of one donated ask + tell on a full archive (M2N2 from
+    scratch: split-point slerp and mutation)."""
     import jax
     import jax.numpy as jnp
 
     import m2n2_jax as mj
 
-    config = mj.Config(archive_size=archive_size, mutation_std=0.01)
+    algorithm = mj.M2N2(archive_size=archive_size, mutation=True)
+    hyper = algorithm.default_params()
     template = {"w": jax.ShapeDtypeStruct((params // 1000, 1000), jnp.float32),
                 "b": jax.ShapeDtypeStruct((params - (params // 1000) * 1000,), jnp.float32)}
     state = jax.eval_shape(lambda: mj.Archive(
         params=jax.tree.map(lambda t: jnp.zeros((archive_size,) + t.shape, t.dtype), template),
         scores=jnp.zeros((archive_size, points)), occupied=jnp.ones((archive_size,), bool)))
 
-    def step(state, key, scores):
-        child = mj.ask(key, state, config)
-        return mj.tell(state, child, scores, config)
+    def step(state, key, scores, hyper):
+        key_ask, key_tell = jax.random.split(key)
+        children, state = algorithm.ask(key_ask, state, hyper)
+        return algorithm.tell(key_tell, state, children, scores[None], hyper)
 
     compiled = jax.jit(step, donate_argnums=0).lower(
-        state, jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((points,), jnp.float32)).compile()
+        state, jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((points,), jnp.float32),
+        hyper).compile()
     a = compiled.memory_analysis()
     model = 4 * params
     return {"archive_size": archive_size, "params": params, "points": points, "model_bytes": model,
@@ -179,8 +183,7 @@ def main(argv=None) -> dict:
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--one", variant, "--params", str(args.params),
                "--leaves", str(args.leaves), "--repeats", str(args.repeats)]
-        env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:]))
