@@ -43,7 +43,7 @@ lm: $(STAMP)
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python benchmarks/merge_memory.py
 
 clean:
