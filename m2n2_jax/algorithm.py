@@ -98,14 +98,13 @@ class M2N2(Algorithm):
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child in turn competes with the N archive models; the lowest fitness leaves."""
         del key
-        archive_lib.check_candidates(state, children, scores)
-        for i in range(scores.shape[0]):
-            child_scores = scores[i].astype(jnp.float32)
+
+        def insert(state, child, child_scores):
             _, fitness = resource_fitness(jnp.concatenate([state.scores, child_scores[None]]),
                                           params.alpha, params.capacity)
-            state, _ = archive_lib.insert_worst_leaves(
-                state, jax.tree.map(lambda x: x[i], children), child_scores, fitness)
-        return state
+            return archive_lib.insert_worst_leaves(state, child, child_scores, fitness)[0]
+
+        return archive_lib.insert_each(state, children, scores, insert)
 
     def best(self, state: Archive):
         """The occupied model with the best plain training score (first on ties)."""

@@ -90,9 +90,14 @@ def best(archive: Archive):
     return get(archive, index), means[index]
 
 
-def check_candidates(archive: Archive, models, scores: jax.Array) -> None:
-    """At trace time: `scores` is (P, M) for P stacked `models` shaped like the archive's."""
+def insert_each(archive: Archive, models, scores: jax.Array, insert) -> Archive:
+    """`insert(archive, model, scores (M,)) -> archive` applied to each of P stacked
+    candidates in turn; checks at trace time that `scores` is (P, M) and the models are
+    shaped like the archive's."""
     p = scores.shape[0]
     chex.assert_shape(scores, (p, archive.scores.shape[1]))
     expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p,) + x.shape[1:], x.dtype), archive.params)
     chex.assert_trees_all_equal_shapes(models, expected)
+    for i in range(p):
+        archive = insert(archive, jax.tree.map(lambda x: x[i], models), scores[i].astype(jnp.float32))
+    return archive

@@ -80,14 +80,13 @@ class MapElites(Algorithm):
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child takes its cell if the cell is empty or its quality is strictly higher."""
         del key
-        archive_lib.check_candidates(state, children, scores)
-        for i in range(scores.shape[0]):
-            child_scores = scores[i].astype(jnp.float32)
+
+        def insert(state, child, child_scores):
             index = cell(params.descriptor @ child_scores, self.bins)
-            better = child_scores.mean() > state.scores[index].mean()
-            accept = ~state.occupied[index] | better
-            state = archive_lib.replace(state, index, jax.tree.map(lambda x: x[i], children), child_scores, accept)
-        return state
+            accept = ~state.occupied[index] | (child_scores.mean() > state.scores[index].mean())
+            return archive_lib.replace(state, index, child, child_scores, accept)
+
+        return archive_lib.insert_each(state, children, scores, insert)
 
     def best(self, state: Archive):
         return archive_lib.best(state)
