@@ -216,6 +216,7 @@ def run(
         store = Store(checkpoint, {
             "algorithm": repr(algorithm), "params": _digest(params), "forward_passes": int(forward_passes),
             "num_runs": int(num_runs), "num_seeds": int(num_seeds), "log_every": log_every,
+            "runs_padded_to": int(padded.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
             "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(template)],
         })
         store.check_fresh()
