@@ -1,100 +1,404 @@
+"""M2N2 (m2n2_jax.M2N2 + Params): init / ask / tell / best against NumPy references,
+and each static switch of the paper's ablations checked by what it changes."""
+
+import functools
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import m2n2_jax as mj
+import problems as P
 from conftest import np_fitness
 from m2n2_jax import archive as archive_lib
+from m2n2_jax.selection import sample_parents
+
+TEMPLATE = P.init_model(jax.random.key(0))
+STD = 0.05  # mutation std of the switch tests
 
 
-def make_state(rng, n=6, m=20, filled=6, d=5):
-    config = mj.Config(archive_size=n)
-    models = {"w": jnp.asarray(rng.normal(size=(filled, d)), jnp.float32)}
-    scores = jnp.asarray((rng.uniform(size=(filled, m)) > 0.5), jnp.float32)
-    return mj.init(jax.random.key(0), models, scores, config), config
+def flat(tree) -> np.ndarray:
+    """The flat vector(s) of a model or of models stacked on a leading axis."""
+    leaves = jax.tree.leaves(tree)
+    lead = leaves[0].shape[: leaves[0].ndim - jax.tree.leaves(TEMPLATE)[0].ndim]
+    return np.concatenate([np.asarray(x, np.float64).reshape(lead + (-1,)) for x in leaves], axis=-1)
 
 
-def np_tell(scores, occupied, child_scores, alpha=1.0):
-    """NumPy reference of SPEC step 4: index that leaves (N = the child)."""
-    all_scores = np.concatenate([scores, child_scores[None]])
-    _, f = np_fitness(all_scores, alpha)
-    f = np.where(np.concatenate([occupied, [True]]), f, -np.inf)
+def models(n, seed=0):
+    """n random MLPs stacked (n, ...)."""
+    return jax.vmap(P.init_model)(jax.random.split(jax.random.key(seed), n))
+
+
+def np_slerp(a, b, w, eps=1e-6):
+    """NumPy reference of the merge: w is a scalar or one ratio per coordinate."""
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    omega = np.arccos(np.clip(a @ b / norm, -1, 1)) if norm > 0 else 0.0
+    if norm == 0 or np.sin(omega) < eps:
+        return (1 - w) * a + w * b
+    return (np.sin((1 - w) * omega) * a + np.sin(w * omega) * b) / np.sin(omega)
+
+
+def np_split_point_slerp(a, b, w, k):
+    return np_slerp(a, b, np.where(np.arange(a.size) < k, w, 1 - w))
+
+
+def np_dropped(scores, occupied, child_scores, alpha=1.0, capacity=None):
+    """NumPy reference of SPEC step 4: the index that leaves (N = the child)."""
+    all_scores = np.concatenate([scores, np.asarray(child_scores)[None]])
+    _, f = np_fitness(all_scores, alpha, capacity)
+    f = np.where(np.concatenate([occupied, [True]]), f, np.inf)
     return int(np.argmin(f))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init(algorithm, seeds, scores, params):
+    return algorithm.init(jax.random.key(0), seeds, scores, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def tell(algorithm, state, child, scores, params):
+    return algorithm.tell(jax.random.key(0), state, jax.tree.map(lambda x: x[None], child), scores[None], params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def ask(algorithm, key, state, params):
+    return algorithm.ask(key, state, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def ask_many(algorithm, state, params, keys):
+    """Children of many keys, flat (K, D)."""
+    return jax.vmap(lambda k: ravel_pytree(algorithm.ask(k, state, params)[0])[0])(keys)
+
+
+def make_state(rng, n=6, m=20, filled=6, algorithm=None):
+    algorithm = algorithm or mj.M2N2(archive_size=n)
+    scores = jnp.asarray(rng.uniform(size=(filled, m)) > 0.5, jnp.float32)
+    return init(algorithm, models(filled, int(rng.integers(1000))), scores, algorithm.default_params()), algorithm
+
+
+# --- tell ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_tell_drops_the_worst_like_numpy(transform, seed):
     rng = np.random.default_rng(seed)
-    state, config = make_state(rng)
-    child = {"w": jnp.full((5,), 7.0)}
+    state, algorithm = make_state(rng)
+    params = algorithm.default_params()
+    child = P.init_model(jax.random.key(100 + seed))
     child_scores = jnp.asarray(rng.uniform(size=20) > 0.3, jnp.float32)
-    dropped = np_tell(np.asarray(state.scores), np.asarray(state.occupied), np.asarray(child_scores))
-    new = transform(lambda s, c, x: mj.tell(s, c, x, config))(state, child, child_scores)
-    if dropped == 6:
+    dropped = np_dropped(np.asarray(state.scores), np.asarray(state.occupied), np.asarray(child_scores))
+    new = transform(lambda s, c, x: algorithm.tell(None, s, jax.tree.map(lambda y: y[None], c), x[None], params))(
+        state, child, child_scores)
+    assert_told(new, state, dropped, child, child_scores)
+
+
+def assert_told(new, state, dropped, child, child_scores):
+    """`new` is `state` with slot `dropped` replaced by the child (N: unchanged)."""
+    n = state.scores.shape[0]
+    if dropped == n:
         chex.assert_trees_all_equal(new, state)
-    else:
-        np.testing.assert_array_equal(new.scores[dropped], child_scores)
-        np.testing.assert_array_equal(new.params["w"][dropped], child["w"])
-        others = np.arange(6) != dropped
-        np.testing.assert_array_equal(new.scores[others], state.scores[others])
+        return
+    np.testing.assert_array_equal(new.scores[dropped], child_scores)
+    chex.assert_trees_all_equal(archive_lib.get(new, dropped), child)
+    others = np.arange(n) != dropped
+    np.testing.assert_array_equal(new.scores[others], state.scores[others])
+    np.testing.assert_array_equal(flat(new.params)[others], flat(state.params)[others])
+    np.testing.assert_array_equal(new.occupied, state.occupied.at[dropped].set(True))
+
+
+def test_tell_uses_capacity_like_numpy():
+    """Params.capacity weights the resources: F = c_j S / z_j."""
+    rng = np.random.default_rng(3)
+    algorithm = mj.M2N2(archive_size=6)
+    state, _ = make_state(rng, algorithm=algorithm)
+    child = P.init_model(jax.random.key(9))
+    decisions = set()
+    for _ in range(8):
+        capacity = rng.uniform(0.1, 3.0, size=20).astype(np.float32)
+        params = algorithm.default_params().replace(capacity=jnp.asarray(capacity))
+        child_scores = jnp.asarray(rng.uniform(size=20) > 0.4, jnp.float32)
+        dropped = np_dropped(np.asarray(state.scores), np.ones(6, bool), np.asarray(child_scores), 1.0, capacity)
+        assert_told(tell(algorithm, state, child, child_scores, params), state, dropped, child, child_scores)
+        decisions.add(dropped)
+    assert len(decisions) > 2
 
 
 def test_worst_model_leaves_and_useless_child_is_rejected():
-    config = mj.Config(archive_size=3)
+    algorithm = mj.M2N2(archive_size=3)
+    params = algorithm.default_params()
     scores = jnp.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0]], jnp.float32)
-    state = mj.init(None, {"w": jnp.arange(3.0)[:, None]}, scores, config)
+    seeds = models(3)
+    state = init(algorithm, seeds, scores, params)
     # A child that solves datapoint 3 alone collects a whole resource: model 2
     # (only a share of datapoint 1) leaves.
-    new = mj.tell(state, {"w": jnp.array([9.0])}, jnp.array([0, 0, 0, 1.0]), config)
-    np.testing.assert_array_equal(new.params["w"][:, 0], [0, 1, 9])
+    child = P.init_model(jax.random.key(9))
+    new = tell(algorithm, state, child, jnp.array([0, 0, 0, 1.0]), params)
+    np.testing.assert_array_equal(flat(new.params), np.vstack([flat(seeds)[:2], flat(child)]))
     # A child that solves nothing has f = 0 and is rejected.
-    same = mj.tell(state, {"w": jnp.array([9.0])}, jnp.zeros(4), config)
-    chex.assert_trees_all_equal(same, state)
+    chex.assert_trees_all_equal(tell(algorithm, state, child, jnp.zeros(4), params), state)
 
 
 def test_ties_drop_the_first_index():
-    config = mj.Config(archive_size=2)
-    scores = jnp.array([[1, 0], [0, 1]], jnp.float32)
-    state = mj.init(None, {"w": jnp.array([[0.0], [1.0]])}, scores, config)
-    new = mj.tell(state, {"w": jnp.array([5.0])}, jnp.array([1.0, 0.0]), config)
+    algorithm = mj.M2N2(archive_size=2)
+    params = algorithm.default_params()
+    seeds = models(2)
+    state = init(algorithm, seeds, jnp.array([[1, 0], [0, 1]], jnp.float32), params)
+    child = P.init_model(jax.random.key(9))
+    new = tell(algorithm, state, child, jnp.array([1.0, 0.0]), params)
     # f = [0.5, 1, 0.5]: tie between slot 0 and the child; the first index leaves.
-    np.testing.assert_array_equal(new.params["w"][:, 0], [5, 1])
+    np.testing.assert_array_equal(flat(new.params), [flat(child), flat(seeds)[1]])
 
 
-def test_empty_slots_fill_first_and_are_never_parents(rng):
-    state, config = make_state(rng, n=8, filled=2)
-    assert list(np.asarray(state.occupied)) == [True, True] + [False] * 6
-    child = {"w": jnp.zeros(5)}
-    new = mj.tell(state, child, jnp.zeros(20), config)  # even a useless child fills an empty slot
-    assert bool(new.occupied[2])
-    for i in range(50):
-        k = jax.random.key(i)
-        a, b = mj.sample_parents(k, *mj.resource_fitness(state.scores), state.occupied)
-        assert int(a) < 2 and int(b) < 2
+def test_the_best_train_model_can_be_evicted():
+    """M2N2 does not keep the best-train model: fitness is resource-normalised. The
+    best model (mean 0.625) shares every datapoint it solves and has the lowest f once
+    the child (mean 0.5) arrives, so it leaves and the best training score drops."""
+    algorithm = mj.M2N2(archive_size=3)
+    params = algorithm.default_params()
+    scores = np.array([[1, 0, 0, 0, 1, 1, 1, 0], [1, 0, 1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0]], np.float32)
+    child_scores = np.array([0, 0, 1, 0, 0, 1, 1, 1], np.float32)
+    _, f = np_fitness(np.vstack([scores, child_scores]))
+    assert np.argmax(scores.mean(1)) == 1 == np.argmin(f) and np.sort(f)[1] - f.min() > 0.1
+    state = init(algorithm, models(3), jnp.asarray(scores), params)
+    _, before = algorithm.best(state)
+    child = P.init_model(jax.random.key(9))
+    new = tell(algorithm, state, child, jnp.asarray(child_scores), params)
+    np.testing.assert_array_equal(new.scores[1], child_scores)
+    chex.assert_trees_all_equal(archive_lib.get(new, 1), child)
+    _, after = algorithm.best(new)
+    assert float(before) == 0.625 and float(after) == 0.5
 
 
-def test_init_rejects_nothing_and_best_is_top_train_score(rng):
-    state, _ = make_state(rng)
+# --- init and best ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filled", [6, 4])
+def test_init_keeps_every_seed_in_order(filled):
+    """N seeds fill all N slots in order (none rejected, even a seed that solves
+    nothing, or a duplicate); S < N seeds fill the first S slots, the rest stay empty."""
+    algorithm = mj.M2N2(archive_size=6)
+    rng = np.random.default_rng(0)
+    scores = (rng.uniform(size=(filled, 20)) > 0.5).astype(np.float32)
+    scores[1] = 0.0  # f = 0: the tell rule alone would reject it
+    scores[2] = scores[0]  # a duplicate competitor
+    seeds = models(filled)
+    state = init(algorithm, seeds, jnp.asarray(scores), algorithm.default_params())
+    np.testing.assert_array_equal(state.occupied, np.arange(6) < filled)
+    if filled == 6:
+        assert state.occupied.all()
+    np.testing.assert_array_equal(state.scores[:filled], scores)
+    np.testing.assert_array_equal(flat(state.params)[:filled], flat(seeds))
+    assert not np.asarray(state.scores[filled:]).any() and not flat(state.params)[filled:].any()
+
+
+def test_init_with_more_seeds_than_slots_keeps_the_tell_rule():
+    """Seeds beyond N compete like children (NumPy replay of the tell rule)."""
+    algorithm = mj.M2N2(archive_size=3)
+    rng = np.random.default_rng(1)
+    scores = (rng.uniform(size=(6, 10)) > 0.5).astype(np.float32)
+    state = init(algorithm, models(6), jnp.asarray(scores), algorithm.default_params())
+    slots, kept = list(range(3)), scores[:3].copy()
+    for i in range(3, 6):
+        d = np_dropped(kept, np.ones(3, bool), scores[i])
+        if d < 3:
+            slots[d], kept[d] = i, scores[i]
+    np.testing.assert_array_equal(state.scores, scores[slots])
+    np.testing.assert_array_equal(flat(state.params), flat(models(6))[slots])
+
+
+def test_best_is_the_top_mean_train_score_among_occupied_first_on_ties():
+    rng = np.random.default_rng(2)
+    state, algorithm = make_state(rng)
+    model, score = algorithm.best(state)
     means = np.asarray(state.scores).mean(1)
-    assert int(mj.best(state)) == int(np.argmax(means))
+    i = int(np.argmax(means))
+    assert float(score) == np.float32(means[i])
+    chex.assert_trees_all_equal(model, archive_lib.get(state, i))
+    # an empty slot is never the best, even with every occupied score zero; ties -> first
+    hand = archive_lib.Archive(params=models(3), scores=jnp.array([[0.0, 0], [0, 0], [0.5, 0.5]]),
+                               occupied=jnp.array([False, True, True]))
+    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 2))
+    hand = hand.replace(scores=jnp.zeros((3, 2)))
+    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 1))
+    hand = hand.replace(scores=jnp.array([[1.0, 1], [0.5, 1], [1, 0.5]]))
+    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 1))
 
 
-def test_ask_is_deterministic_and_respects_switches(rng):
-    state, config = make_state(rng)
-    c1 = mj.ask(jax.random.key(5), state, config)
-    chex.assert_trees_all_equal(c1, mj.ask(jax.random.key(5), state, config))
-    chex.assert_trees_all_equal_shapes_and_dtypes(c1, archive_lib.get(state, 0))
-    # No crossover and no mutation: the child is a copy of an archive model.
-    copy = mj.ask(jax.random.key(5), state, mj.Config(archive_size=6, crossover=False, mutation_std=0.0))
-    assert any(np.array_equal(copy["w"], state.params["w"][i]) for i in range(6))
+def test_empty_slots_fill_first_and_are_never_parents():
+    rng = np.random.default_rng(0)
+    state, algorithm = make_state(rng, n=8, filled=2)
+    assert list(np.asarray(state.occupied)) == [True, True] + [False] * 6
+    # even a useless child fills an empty slot
+    new = tell(algorithm, state, TEMPLATE, jnp.zeros(20), algorithm.default_params())
+    assert bool(new.occupied[2]) and new.occupied.sum() == 3
+    keys = jax.random.split(jax.random.key(0), 200)
+    a, b = jax.jit(jax.vmap(lambda k: sample_parents(k, *mj.resource_fitness(state.scores), state.occupied)))(keys)
+    assert np.all(np.asarray(a) < 2) and np.all(np.asarray(b) < 2)
 
 
-def test_config_validation():
+# --- ask ---------------------------------------------------------------------------------------
+
+N = 4
+SEEDS = models(N, seed=5)
+X = flat(SEEDS)  # (N, D)
+# Scores under which B ~ g(A, .) and B ~ f give very different parent pairs.
+S_ATTR = np.array([[0, 0, 1, 0, 0, 0], [1, 1, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]], np.float32)
+
+
+def switch_state(algorithm):
+    params = algorithm.default_params().replace(mutation_std=jnp.float32(STD))
+    return init(algorithm, SEEDS, jnp.asarray(S_ATTR), params), params
+
+
+def test_ask_is_the_split_point_slerp_of_sampled_parents_plus_noise():
+    """Default M2N2 against NumPy with the library's draws: parents from
+    sample_parents, w ~ U(0, 1), k ~ U{0, .., D-1}, noise std * N(0, 1) in ravel order."""
+    algorithm = mj.M2N2(archive_size=N)
+    state, params = switch_state(algorithm)
+    F, f = np_fitness(S_ATTR)
+
+    @jax.jit
+    def draws(key):  # the draws of ask, by the key layout of M2N2.ask
+        k_parents, k_ratio, k_split, k_noise = jax.random.split(key, 4)
+        a, b = sample_parents(k_parents, F.astype(np.float32), f.astype(np.float32), np.ones(N, bool))
+        return (a, b, jax.random.uniform(k_ratio), jax.random.randint(k_split, (), 0, X.shape[1]),
+                jax.random.normal(k_noise, (X.shape[1],)))
+
+    for seed in range(6):
+        key = jax.random.key(seed)
+        children, same = ask(algorithm, key, state, params)
+        chex.assert_trees_all_equal(same, state)
+        chex.assert_trees_all_equal(children, ask(algorithm, key, state, params)[0])  # deterministic
+        chex.assert_trees_all_equal_shapes_and_dtypes(children, jax.tree.map(lambda x: x[None], TEMPLATE))
+        a, b, w, k, noise = draws(key)
+        w, k, noise = float(w), int(k), STD * np.asarray(noise, np.float64)
+        expected = np_split_point_slerp(X[int(a)], X[int(b)], w, k) + noise
+        np.testing.assert_allclose(flat(children)[0], expected, atol=2e-6)
+
+
+def fit_slerp(children):
+    """For each child (K, D): (i, j, residual) of the best fit child ~ slerp(X_i, X_j, w)
+    with ONE ratio w for every coordinate (i == j: the child is X_i)."""
+    out = []
+    for c in np.asarray(children, np.float64):
+        best = min((np.abs(c - X[i]).max(), i, i) for i in range(N))
+        if best[0] > 1e-5:
+            for i, j in itertools.combinations(range(N), 2):
+                (ci, cj), *_ = np.linalg.lstsq(X[[i, j]].T, c, rcond=None)
+                cos = X[i] @ X[j] / np.linalg.norm(X[i]) / np.linalg.norm(X[j])
+                omega = np.arccos(cos)
+                w = np.arctan2(cj * np.sin(omega), ci + cos * cj) / omega  # the ratio of these coefficients
+                err = np.abs(c - np_slerp(X[i], X[j], w)).max() if 0 <= w <= 1 else np.inf
+                best = min(best, (err, i, j))
+        out.append((best[1], best[2], best[0]))
+    return out
+
+
+KEYS = jax.random.split(jax.random.key(42), 1500)
+
+
+def test_no_split_point_child_is_a_plain_slerp_with_one_ratio():
+    """split_point=False: every coordinate uses the same w (the child is slerp(A, B, w)
+    for a pair of parents and w in [0, 1]); with the split point most children are not."""
+    plain = mj.M2N2(archive_size=N, split_point=False, mutation=False)
+    state, params = switch_state(plain)
+    fits = fit_slerp(ask_many(plain, state, params, KEYS[:200]))
+    assert max(err for *_, err in fits) < 1e-5
+    assert sum(i != j for i, j, _ in fits) > 150, "attraction makes B != A"
+    split = mj.M2N2(archive_size=N, mutation=False)
+    fits = fit_slerp(ask_many(split, state, params, KEYS[:200]))
+    assert sum(err > 1e-3 for *_, err in fits) > 180, "the checker must tell split-point children apart"
+
+
+def test_no_crossover_child_is_a_copy_of_a_parent_drawn_from_f():
+    algorithm = mj.M2N2(archive_size=N, crossover=False, mutation=False)
+    state, params = switch_state(algorithm)  # mutation_std = 0.05, but mutation is off
+    children = ask_many(algorithm, state, params, KEYS)
+    match = (children[:, None, :] == X[None].astype(np.float32)).all(-1)  # bit-equal copies
+    assert np.all(match.sum(1) == 1)
+    _, f = np_fitness(S_ATTR)
+    np.testing.assert_allclose(np.bincount(match.argmax(1), minlength=N) / len(KEYS), f / f.sum(), atol=0.04)
+
+
+@pytest.mark.parametrize("crossover", [False, True])
+def test_mutation_adds_gaussian_noise_of_mutation_std(crossover):
+    """mutation=True: child = merge + N(0, std^2) on every coordinate (the residual of
+    the best noise-free explanation); mutation=False (the tests above): no noise at all."""
+    algorithm = mj.M2N2(archive_size=N, crossover=crossover, split_point=False)
+    state, params = switch_state(algorithm)
+    children = np.asarray(ask_many(algorithm, state, params, KEYS[:40]), np.float64)
+    for c in children:
+        if crossover:  # projection off the span of the two parents: residual ~ N(0, std^2) on D - 2 dims
+            res = min(np.linalg.lstsq(X[[i, j]].T, c, rcond=None)[1][0] for i, j in itertools.permutations(range(N), 2))
+            std = np.sqrt(res / (X.shape[1] - 2))
+        else:
+            std = min(np.std(c - x) for x in X)
+        assert 0.8 * STD < std < 1.2 * STD
+
+
+def np_pair_distribution(scores, attraction):
+    """NumPy reference: probability of each unordered parent pair {A, B} (a slerp child
+    does not tell A from B: slerp(A, B, w) = slerp(B, A, 1 - w))."""
+    F, f = np_fitness(scores)
+    n = len(f)
+    p_a = f / f.sum()
+    joint = np.zeros((n, n))
+    for a in range(n):
+        g = np.maximum(F - F[a], 0).sum(1)
+        joint[a] = p_a[a] * (g / g.sum() if attraction and g.sum() > 0 else p_a)
+    return np.triu(joint + joint.T) - np.diag(np.diag(joint))
+
+
+@pytest.mark.parametrize("attraction", [True, False])
+def test_attraction_switch_draws_b_from_g_or_from_f(attraction):
+    """Frequencies of unordered parent pairs over many keys == the NumPy distribution of
+    this switch, and far from the other switch's (total variation 0.66 apart)."""
+    algorithm = mj.M2N2(archive_size=N, attraction=attraction, split_point=False, mutation=False)
+    state, params = switch_state(algorithm)
+    fits = fit_slerp(ask_many(algorithm, state, params, KEYS))
+    assert max(err for *_, err in fits) < 1e-5
+    freq = np.zeros((N, N))
+    for i, j, _ in fits:
+        freq[min(i, j), max(i, j)] += 1 / len(fits)
+    expected, other = np_pair_distribution(S_ATTR, attraction), np_pair_distribution(S_ATTR, not attraction)
+    np.testing.assert_allclose(freq, expected, atol=0.04)
+    assert 0.5 * np.abs(freq - other).sum() > 0.5
+
+
+def test_alpha_sweep_is_one_vmap_over_params():
+    """Params are traced: a sweep over alpha is one vmap, equal to separate calls, and
+    the tell decision follows NumPy for each alpha (0 drops model 0, 1 rejects the child)."""
+    algorithm = mj.M2N2(archive_size=4)
+    scores = np.array([[0, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 1], [1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 1, 0]], np.float32)
+    child_scores = jnp.array([0, 0, 1, 0, 1, 0], jnp.float32)
+    alphas = jnp.array([0.0, 0.5, 1.0, 2.0])
+    params = jax.vmap(lambda a: algorithm.default_params().replace(alpha=a))(alphas)
+    state = init(algorithm, SEEDS, jnp.asarray(scores), algorithm.default_params())
+    child = P.init_model(jax.random.key(9))
+
+    def both(p):
+        children, _ = algorithm.ask(jax.random.key(3), state, p)
+        return children, tell(algorithm, state, child, child_scores, p)
+
+    swept = jax.jit(jax.vmap(both))(params)
+    separate = jax.jit(both)
+    dropped = []
+    for i, alpha in enumerate(np.asarray(alphas)):
+        one = separate(jax.tree.map(lambda x: x[i], params))
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], swept), one, rtol=1e-6, atol=1e-7)
+        d = np_dropped(scores, np.ones(4, bool), np.asarray(child_scores), float(alpha))
+        assert_told(one[1], state, d, child, child_scores)
+        dropped.append(d)
+    assert dropped[0] == 0 and dropped[2] == 4
+
+
+def test_archive_size_is_validated():
     with pytest.raises(ValueError, match="archive_size"):
-        mj.Config(archive_size=1)
-    with pytest.raises(ValueError, match="alpha"):
-        mj.Config(alpha=-0.5)
-    with pytest.raises(ValueError, match="mutation_std"):
-        mj.Config(mutation_std=-1.0)
+        mj.M2N2(archive_size=1)
+    with pytest.raises(ValueError, match="archive_size"):
+        mj.M2N2(archive_size=2.0)

@@ -1,72 +1,120 @@
-"""The evosax CMA-ES baselines: budget accounting, improvement, errors."""
+"""The evosax adapter (m2n2_jax.EvosaxES): start, best-so-far, exact budget."""
 
+import functools
+
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import m2n2_jax as mj
-from m2n2_jax.baselines.evosax_es import STRATEGIES, es_log_mask, run_es
-from m2n2_jax.models.mlp import MLP, random_params
+import problems as P
+from m2n2_jax.tasks.methods import ES, make_method
 
-rng = np.random.default_rng(1)
-X = rng.normal(size=(100, 6)).astype(np.float32)
-Y = X[:, :3].argmax(1).astype(np.int32)
-MODEL = MLP(features=(4, 3))
-SCORE_FN = mj.classification_scores(MODEL.apply)
-INIT = lambda key: random_params(key, MODEL, 6, std=0.01)
-KEYS = jax.vmap(jax.random.key)(jnp.arange(2))
+CASES = {name: make_method(name, P.SETTINGS) for name in ES}  # population 4, std_init 0.3
+TEMPLATE = P.SETTINGS.template
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_es_improves_on_a_tiny_problem_and_counts_passes_exactly(name):
-    result = run_es(KEYS, name, INIT, SCORE_FN, (X, Y), 600, population_size=10, std_init=0.1,
-                    test_data=(X, Y), log_every=100, progress=False)
-    np.testing.assert_array_equal(result.passes, np.arange(100, 601, 100))
-    assert result.log_wall_seconds.shape == (6,) and np.all(np.diff(result.log_wall_seconds) >= 0)
-    assert np.all(np.isfinite(result.test_accuracy)), "every logged generation has its test accuracy"
-    assert int(result.state.generation_counter[0]) == 60  # 600 passes = 10 x 60 generations
-    start = float(SCORE_FN(INIT(jax.random.split(KEYS[0])[0]), (X, Y)).mean())
-    assert np.all(result.final_train_accuracy > max(start, 0.6))
-    assert np.all(np.diff(result.train_accuracy, axis=1) >= 0)
-    # The logged best solution is the returned one, scored on the same data.
-    best0 = jax.tree.map(lambda x: x[0], result.best_params)
-    np.testing.assert_allclose(float(SCORE_FN(best0, (X, Y)).mean()), result.final_train_accuracy[0], atol=1e-6)
+def flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
 
 
-def test_es_time_limit_stops_after_one_call_and_scores_the_last_generation():
-    full = run_es(KEYS, "sep-cma-es", INIT, SCORE_FN, (X, Y), 600, population_size=10, std_init=0.1,
-                  test_data=(X, Y), log_every=10, generations_per_call=7, progress=False)
-    cut = run_es(KEYS, "sep-cma-es", INIT, SCORE_FN, (X, Y), 600, population_size=10, std_init=0.1,
-                 test_data=(X, Y), log_every=100, generations_per_call=7, time_limit=1e-9, progress=False)
-    np.testing.assert_array_equal(cut.passes, [70])  # 7 generations x 10, not a multiple of log_every
-    assert int(cut.state.generation_counter[0]) == 7
-    assert np.all(np.isfinite(cut.test_accuracy)) and cut.log_wall_seconds.shape == (1,)
-    # The same generations as the uninterrupted run, logged at every generation (70 passes = index 6).
-    np.testing.assert_array_equal(cut.train_accuracy[:, 0], full.train_accuracy[:, 6])
-    np.testing.assert_allclose(cut.test_accuracy[:, 0], full.test_accuracy[:, 6], atol=1e-6)
-    best0 = jax.tree.map(lambda x: x[0], cut.best_params)
-    np.testing.assert_allclose(float(SCORE_FN(best0, (X, Y)).mean()), cut.test_accuracy[0, 0], atol=1e-6)
+def seeds(n, seed=0):
+    return jax.vmap(P.init_model)(jax.random.split(jax.random.key(seed), n))
 
 
-def test_es_log_mask_reaches_each_multiple_once():
-    mask = es_log_mask(generations=12, population_size=20, log_every=50)
-    passes = 20 * np.arange(1, 13)[mask]
-    np.testing.assert_array_equal(passes, [60, 100, 160, 200, 240])
+def scores_of(models):
+    return jax.vmap(P.score_fn, (0, None))(models, P.TRAIN)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"forward_passes": 105}, "multiple of the population"),
-    ({"forward_passes": 5}, "multiple of the population"),
-    ({"name": "pso"}, "unknown ES"),
-    ({"population_size": 1}, "population_size"),
-    ({"std_init": 0.0}, "std_init"),
-    ({"time_limit": 0}, "time_limit"),
-    ({"generations_per_call": 0}, "generations_per_call"),
-])
-def test_es_validates_input(kwargs, message):
-    args = dict(key=KEYS, name="sep-cma-es", init_fn=INIT, score_fn=SCORE_FN, data=(X, Y), forward_passes=100,
-                population_size=10)
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=message):
-        run_es(**args, progress=False)
+@functools.partial(jax.jit, static_argnums=0)
+def init(algorithm, params, models, scores):
+    return algorithm.init(jax.random.key(0), models, scores, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def generation(algorithm, params, state, key):
+    """ask, score, tell: (state, children, their scores)."""
+    key_ask, key_tell = jax.random.split(key)
+    children, state = algorithm.ask(key_ask, state, params)
+    scores = scores_of(children)
+    return algorithm.tell(key_tell, state, children, scores, params), children, scores
+
+
+@pytest.fixture(params=list(ES))
+def case(request):
+    return CASES[request.param]
+
+
+def test_search_starts_at_the_mean_of_the_seeds_and_the_best_seed_is_best(case):
+    algorithm, params = case
+    models = seeds(3)
+    scores = scores_of(models)
+    state = init(algorithm, params, models, scores)
+    each = np.stack([flat(jax.tree.map(lambda x: x[i], models)) for i in range(3)])
+    np.testing.assert_allclose(state.mean, each.mean(0), rtol=1e-6, atol=1e-7)
+    means = np.asarray(scores).mean(1)
+    assert len(set(means)) == 3, "distinct seed scores"
+    model, score = algorithm.best(state)
+    best = int(np.argmax(means))
+    chex.assert_trees_all_equal(model, jax.tree.map(lambda x: x[best], models))
+    assert float(score) == np.float32(means[best])
+    assert float(state.std) == pytest.approx(0.3)  # Params are evosax's own (std_init)
+
+
+def test_best_is_the_best_so_far_by_training_score(case):
+    """Over generations, best() is the model with the highest mean training score among
+    the seeds and every child told so far (the earliest on ties), like NumPy tracking."""
+    algorithm, params = case
+    models = seeds(2, seed=1)
+    scores = scores_of(models)
+    state = init(algorithm, params, models, scores)
+    means = np.asarray(scores).mean(1)
+    best_score, best_model = means.max(), flat(jax.tree.map(lambda x: x[int(np.argmax(means))], models))
+    improved = 0
+    for g in range(12):
+        state, children, child_scores = generation(algorithm, params, state, jax.random.key(g))
+        child_means = np.asarray(child_scores).mean(1)
+        assert child_scores.shape == (algorithm.population_size, 90)
+        if child_means.max() > best_score:
+            i = int(np.argmax(child_means))
+            best_score, best_model = child_means[i], flat(jax.tree.map(lambda x: x[i], children))
+            improved += 1
+        model, score = algorithm.best(state)
+        assert float(score) == np.float32(best_score)
+        np.testing.assert_array_equal(flat(model), best_model)
+    assert 0 < improved < 12, "the test must see both improving and non-improving generations"
+
+
+def test_budget_is_exact_and_the_es_improves(case):
+    """passes = S + P * steps, steps = (F - S) // P; one generation per step; the
+    logged best training score never drops and is the returned model's."""
+    algorithm, params = case
+    pop = algorithm.population_size
+    forward_passes = 2 + pop * 15 + 3  # 3 passes left over: not spent
+    result = mj.run(algorithm, P.KEYS[:2], P.score_fn, P.TRAIN, forward_passes, params=params, seed_fn=P.seed_fn,
+                    log_every=2, progress=False)
+    np.testing.assert_array_equal(result.passes, 2 + pop * np.arange(16))  # the seeds, then every generation
+    np.testing.assert_array_equal(np.asarray(result.state.generation_counter), [15, 15])
+    train = result.train_accuracy
+    assert np.all(np.diff(train, axis=1) >= 0), "best-so-far never drops"
+    assert np.all(train[:, -1] > train[:, 0]), "the ES beats its seeds"
+    for r in range(2):
+        best = jax.tree.map(lambda x: x[r], result.best_params)
+        np.testing.assert_allclose(float(P.score_fn(best, P.TRAIN).mean()), train[r, -1], atol=1e-6)
+    # the first point is the seeds' best
+    seed_models = P.seed_fn(jax.random.split(P.KEYS[0])[0])
+    np.testing.assert_allclose(train[0, 0], np.asarray(scores_of(seed_models)).mean(1).max(), atol=1e-6)
+
+
+def test_validation():
+    from evosax.algorithms import CMA_ES
+
+    with pytest.raises(ValueError, match="population_size"):
+        mj.EvosaxES.for_model(CMA_ES, TEMPLATE, population_size=1)
+    with pytest.raises(ValueError, match="template"):
+        make_method("cma-es", P.SETTINGS.__class__())
+    algorithm = mj.EvosaxES.for_model(CMA_ES, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), TEMPLATE),
+                                      population_size=4)
+    assert algorithm == CASES["cma-es"][0] and hash(algorithm) == hash(CASES["cma-es"][0])

@@ -11,6 +11,7 @@ Params are evosax's own (e.g. `std_init`, the initial step size sigma_0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ class EvosaxES(Algorithm):
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
         return cls(strategy, (treedef, shapes), population_size)
 
-    @property
+    @functools.cached_property  # one strategy object per value: evosax jits with it as a static argument
     def es(self) -> Any:
         treedef, shapes = self.solution
         template = jax.tree.unflatten(treedef, [jnp.zeros(s.shape, s.dtype) for s in shapes])
