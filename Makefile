@@ -21,8 +21,9 @@ run: $(STAMP)
 	done
 	$(BIN)/python experiments/plot.py results/demo
 
+# Two workers, each test file in one of them (files share compiled programs).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The full protocols of README's results tables (10 seeds per method).
 experiments: $(STAMP)

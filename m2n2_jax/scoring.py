@@ -12,19 +12,6 @@ import jax
 import jax.numpy as jnp
 
 
-def classification_scores(apply_fn: Callable) -> Callable:
-    """score_fn for a classifier: 1.0 where argmax(apply_fn(params, x)) == y, else 0.0.
-
-    The batch is a pair (x, y) with x (M, ...) inputs and y (M,) integer labels.
-    """
-
-    def score_fn(params, batch):
-        x, y = batch
-        return (jnp.argmax(apply_fn(params, x), axis=-1) == y).astype(jnp.float32)
-
-    return score_fn
-
-
 def num_points(data) -> int:
     """M, the shared leading dimension of the leaves of `data`."""
     sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(data)}

@@ -3,19 +3,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2n2_jax.scoring import classification_scores, evaluate, num_points
+from m2n2_jax.scoring import evaluate, num_points
+from m2n2_jax.tasks import digits
 
 
 def linear_score_fn():
-    return classification_scores(lambda w, x: x @ w)
+    return lambda w, batch: (jnp.argmax(batch[0] @ w, -1) == batch[1]).astype(jnp.float32)
 
 
-def test_classification_scores_match_numpy(rng):
-    w = rng.normal(size=(4, 3)).astype(np.float32)
-    x = rng.normal(size=(50, 4)).astype(np.float32)
-    y = rng.integers(0, 3, size=50)
-    scores = linear_score_fn()(w, (x, y))
-    np.testing.assert_array_equal(scores, (np.argmax(x @ w, 1) == y).astype(np.float32))
+def test_digits_classification_scores_match_numpy(rng):
+    w1, b1 = rng.normal(size=(64, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    w2, b2 = rng.normal(size=(5, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    x, y = rng.normal(size=(50, 64)).astype(np.float32), rng.integers(0, 10, size=50)
+    scores = digits.classification_scores((digits.Dense(w1, b1), digits.Dense(w2, b2)), (x, y))
+    logits = np.maximum(x @ w1 + b1, 0) @ w2 + b2
+    np.testing.assert_array_equal(scores, (np.argmax(logits, 1) == y).astype(np.float32))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 50, 64])

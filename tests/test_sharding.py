@@ -207,3 +207,23 @@ def test_pad_points_repeats_the_last_datapoint():
 def test_run_validates_the_mesh(mesh):
     with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with axes \('runs', 'data'\)"):
         mj.run(ALGO, P.KEYS, P.score_fn, TRAIN, 60, params=PARAMS, seed_fn=P.seed_fn, mesh=mesh, progress=False)
+
+
+def test_an_archive_sharded_over_a_model_axis_steps_like_an_unsharded_one():
+    """Archives too large for one device: shard the parameters, jit ask / tell, XLA partitions them."""
+    algo, params = methods.make_method("m2n2", P.SETTINGS)
+    seeds = P.seed_fn(jax.random.key(3))
+    state, _ = jax.jit(lambda s: mj.init_state(algo, P.score_fn, jax.random.key(4), s, params, P.TRAIN))(seeds)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+    shard = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*([None] * (x.ndim - 1) + ["model"]))) if x.shape[-1] % 2 == 0 else x)
+    sharded = state.replace(params=jax.tree.map(shard, state.params))
+    assert any(len(x.sharding.device_set) == 2 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(sharded.params))
+    step = jax.jit(lambda s, k: mj.step(algo, P.score_fn, s, k, params, P.TRAIN))
+    for i in range(5):
+        state, _ = step(state, jax.random.key(10 + i))
+        sharded, _ = step(sharded, jax.random.key(10 + i))
+    np.testing.assert_array_equal(np.asarray(state.scores), np.asarray(sharded.scores))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+                 state.params, sharded.params)
