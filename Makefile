@@ -48,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_memory.py
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results .jax_cache_tests

@@ -4,11 +4,19 @@ Tests run with two CPU devices (set before jax runs anything) so that the
 multi-device path of the runner is exercised on any machine.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 2)
+# A compilation cache shared by the pytest workers (and later runs): a program that
+# several test files compile (the tiny problem's runs) is compiled once. It is keyed by
+# the program and the library versions, so it never changes a result.
+CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache_tests")
+jax.config.update("jax_compilation_cache_dir", CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture
