@@ -3,13 +3,16 @@
 A steady-state evolution over an archive of N models (SPEC.md): parents are sampled by
 resource-normalised fitness and attraction, merged with the split-point slerp, mutated
 when evolving from scratch, and the child competes with the N archive models; the one
-with the lowest fitness leaves. The switches that give the paper's ablations are static
-fields of `M2N2`; the numbers are `Params`, traced.
+with the lowest fitness leaves. The switches that give the paper's ablations, and the
+options of its real-model experiments (capacity rule, worst subtraction, parameter
+groups), are static fields of `M2N2`; the numbers (alpha, eps, warm-up steps, ...) are
+`Params`, traced. The defaults are the paper's digits code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +21,8 @@ from flax import struct
 from m2n2_jax import archive as archive_lib
 from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
-from m2n2_jax.fitness import resource_fitness
-from m2n2_jax.merge import num_params, slerp, split_point_slerp
+from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
+from m2n2_jax.merge import group_sizes, leaf_groups, slerp, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
 
@@ -34,13 +37,24 @@ class Params:
       mutation_std: std of the Gaussian noise added to every child coordinate (used
         when `M2N2.mutation` is on; the paper: 0.01 from scratch).
       slerp_eps: below this sin(Omega) the merge falls back to linear interpolation.
-      capacity: c, shape (M,), the supply of each resource; None means all ones.
+      capacity: c, shape (M,), the supply of each resource (`M2N2.capacity_rule`
+        "fixed"); None means all ones.
+      eps: added to the normaliser, z_j^alpha + eps (the paper's equation); 0 keeps
+        the digits code's zero guard only.
+      warmup: W, the number of first steps whose parents are both drawn uniformly
+        among the occupied slots (the paper: at most 50 with pre-trained seeds).
+      slerp_dot_threshold: the merge is linear where |cos(Omega)| exceeds it; 1 is
+        the paper's rule (near-antiparallel parents give children far outside the
+        parents' scale), mergekit's guard is 0.9995.
     """
 
     alpha: jax.Array = 1.0
     mutation_std: jax.Array = 0.01
     slerp_eps: jax.Array = 1e-6
     capacity: jax.Array | None = None
+    eps: jax.Array = 0.0
+    warmup: jax.Array = 0
+    slerp_dot_threshold: jax.Array = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +69,15 @@ class M2N2(Algorithm):
       split_point: use the split-point slerp; if False a plain slerp with one ratio.
       mutation: add N(0, mutation_std^2) noise to each child (off when merging
         pre-trained models).
+      capacity_rule: "fixed" (c = `Params.capacity`, ones by default) or "max"
+        (c_j = max_i S'[i, j] over the competing models: the paper's rule for
+        continuous scores), recomputed wherever fitness is.
+      subtract_worst: subtract each datapoint's lowest score among the competing
+        models before fitness (the paper's image-generation fitness).
+      groups: a function of a leaf's path string (`m2n2_jax.merge.leaf_path`, e.g.
+        "layers/0/attn/kernel") to a group label; each group gets its own ratio,
+        split point and slerp angle. None: one group. Pass a module-level function
+        (an equal function reuses compiled code; a new lambda recompiles).
     """
 
     archive_size: int = 20
@@ -62,13 +85,26 @@ class M2N2(Algorithm):
     crossover: bool = True
     split_point: bool = True
     mutation: bool = True
+    capacity_rule: str = "fixed"
+    subtract_worst: bool = False
+    groups: Callable[[str], Hashable] | None = None
 
     def __post_init__(self):
         if not isinstance(self.archive_size, int) or self.archive_size < 2:
             raise ValueError(f"archive_size must be an int >= 2, got {self.archive_size!r}")
+        if self.capacity_rule not in CAPACITY_RULES:
+            raise ValueError(f"capacity_rule must be one of {CAPACITY_RULES}, got {self.capacity_rule!r}")
+        if self.groups is not None and not callable(self.groups):
+            raise ValueError(f"groups must be a function of a leaf path, got {self.groups!r}")
 
     def default_params(self) -> Params:
-        return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6))
+        return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6),
+                      eps=jnp.float32(0.0), warmup=jnp.int32(0), slerp_dot_threshold=jnp.float32(1.0))
+
+    def fitness(self, scores, competing, params: Params):
+        """(F (N, M), f (N,)) of the `competing` rows of `scores` under this variant's rules."""
+        return resource_fitness(scores, params.alpha, params.capacity, eps=params.eps, competing=competing,
+                                capacity_rule=self.capacity_rule, subtract_worst=self.subtract_worst)
 
     def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
         """An archive of `archive_size` slots with the seeds inserted in order by the tell rule."""
@@ -77,31 +113,42 @@ class M2N2(Algorithm):
         return self.tell(key, state, seed_models, seed_scores, params)
 
     def ask(self, key, state: Archive, params: Params):
-        """Sample parents, merge them, mutate: one child, stacked (1, ...)."""
+        """Sample parents, merge them, mutate: one child, stacked (1, ...).
+
+        During warm-up (the first `params.warmup` asks) both parents are drawn
+        uniformly among the occupied slots, distinct when two or more are occupied.
+        """
         key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
-        per_point, fitness = resource_fitness(state.scores, params.alpha, params.capacity)
+        per_point, fitness = self.fitness(state.scores, state.occupied, params)
         if self.crossover:
             a, b = sample_parents(key_parents, per_point, fitness, state.occupied, self.attraction)
+            warm_a, warm_b = uniform_pair(key_parents, state.occupied)
+            warm = state.asked < params.warmup
+            a, b = jnp.where(warm, warm_a, a), jnp.where(warm, warm_b, b)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
-            ratio = jax.random.uniform(key_ratio)
+            groups = None if self.groups is None else leaf_groups(parent_a, self.groups)
+            sizes = group_sizes(parent_a, groups or (0,) * len(jax.tree.leaves(parent_a)))
+            shape = () if groups is None else (len(sizes),)
+            ratio = jax.random.uniform(key_ratio, shape)
             if self.split_point:
-                split = jax.random.randint(key_split, (), 0, num_params(parent_a))
-                child = split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps)
+                split = jax.random.randint(key_split, shape, 0, jnp.asarray(sizes).reshape(shape))
+                child = split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps,
+                                          params.slerp_dot_threshold, groups)
             else:
-                child = slerp(parent_a, parent_b, ratio, params.slerp_eps)
+                child = slerp(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold, groups)
         else:
             child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
         if self.mutation:
             child = gaussian_mutation(key_noise, child, params.mutation_std)
-        return jax.tree.map(lambda x: x[None], child), state
+        return jax.tree.map(lambda x: x[None], child), state.replace(asked=state.asked + 1)
 
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child in turn competes with the N archive models; the lowest fitness leaves."""
         del key
 
         def insert(state, child, child_scores):
-            _, fitness = resource_fitness(jnp.concatenate([state.scores, child_scores[None]]),
-                                          params.alpha, params.capacity)
+            competing = jnp.concatenate([state.occupied, jnp.ones((1,), bool)])
+            _, fitness = self.fitness(jnp.concatenate([state.scores, child_scores[None]]), competing, params)
             return archive_lib.insert_worst_leaves(state, child, child_scores, fitness)[0]
 
         return archive_lib.insert_each(state, children, scores, insert)
@@ -109,3 +156,12 @@ class M2N2(Algorithm):
     def best(self, state: Archive):
         """The occupied model with the best plain training score (first on ties)."""
         return archive_lib.best(state)
+
+
+def uniform_pair(key: jax.Array, occupied: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two slots drawn uniformly among the occupied ones, distinct when >= 2 are."""
+    key_a, key_b = jax.random.split(key)
+    a = sample(key_a, proportional(jnp.ones(occupied.shape), occupied))
+    others = occupied & (jnp.arange(occupied.shape[0]) != a)
+    b = sample(key_b, proportional(jnp.ones(occupied.shape), jnp.where(others.any(), others, occupied)))
+    return a, b

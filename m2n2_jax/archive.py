@@ -20,11 +20,13 @@ class Archive:
       params: pytree whose leaves have a leading axis N (slot).
       scores: S, float32 (N, M); all zeros in an empty slot.
       occupied: bool (N,); empty slots are never parents and are replaced first.
+      asked: int32 scalar, the number of asks so far (M2N2's warm-up counts them).
     """
 
     params: object
     scores: jax.Array
     occupied: jax.Array
+    asked: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
     @property
     def size(self) -> int:
@@ -38,6 +40,7 @@ def empty(template, num_slots: int, num_points: int) -> Archive:
         params=params,
         scores=jnp.zeros((num_slots, num_points), jnp.float32),
         occupied=jnp.zeros((num_slots,), bool),
+        asked=jnp.zeros((), jnp.int32),
     )
 
 
@@ -54,7 +57,7 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
     """
     keep = lambda new, stack: jnp.where(accept, new, stack[index])
     params = jax.tree.map(lambda stack, new: stack.at[index].set(keep(new, stack)), archive.params, model)
-    return Archive(
+    return archive.replace(
         params=params,
         scores=archive.scores.at[index].set(keep(scores, archive.scores)),
         occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),

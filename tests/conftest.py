@@ -38,3 +38,19 @@ def np_fitness(scores, alpha=1.0, capacity=None):
     c = np.ones(scores.shape[1]) if capacity is None else np.asarray(capacity, np.float64)
     per_point = c * scores / z
     return per_point, per_point.sum(1)
+
+
+def np_general_fitness(scores, competing, alpha=1.0, eps=0.0, capacity="ones", subtract_worst=False):
+    """NumPy reference of the paper's equations 3-5 over the competing rows only:
+    loops over rows, no masking tricks; rows that do not compete get F = 0."""
+    scores = np.asarray(scores, np.float64)
+    rows = [i for i in range(scores.shape[0]) if competing[i]]
+    s = scores[rows]
+    if subtract_worst:
+        s = s - s.min(axis=0)
+    total = s.sum(0)
+    z = np.where(total > 0, total, 1.0) ** alpha + eps
+    c = {"ones": np.ones(s.shape[1]), "max": s.max(axis=0)}[capacity] if isinstance(capacity, str) else capacity
+    per_point = np.zeros_like(scores)
+    per_point[rows] = c * s / z
+    return per_point, per_point.sum(1)

@@ -1,6 +1,7 @@
 """M2N2 (m2n2_jax.M2N2 + Params): init / ask / tell / best against NumPy references,
 and each static switch of the paper's ablations checked by what it changes."""
 
+import collections
 import functools
 import itertools
 
@@ -13,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 import m2n2_jax as mj
 import problems as P
-from conftest import np_fitness
+from conftest import np_fitness, np_general_fitness
 from m2n2_jax import archive as archive_lib
 from m2n2_jax.selection import sample_parents
 
@@ -272,7 +273,7 @@ def test_ask_is_the_split_point_slerp_of_sampled_parents_plus_noise():
     for seed in range(6):
         key = jax.random.key(seed)
         children, same = ask(algorithm, key, state, params)
-        chex.assert_trees_all_equal(same, state)
+        chex.assert_trees_all_equal(same, state.replace(asked=state.asked + 1))  # ask only counts itself
         chex.assert_trees_all_equal(children, ask(algorithm, key, state, params)[0])  # deterministic
         chex.assert_trees_all_equal_shapes_and_dtypes(children, jax.tree.map(lambda x: x[None], TEMPLATE))
         a, b, w, k, noise = draws(key)
@@ -402,3 +403,127 @@ def test_archive_size_is_validated():
         mj.M2N2(archive_size=1)
     with pytest.raises(ValueError, match="archive_size"):
         mj.M2N2(archive_size=2.0)
+
+
+# --- options of the paper's real-model experiments -------------------------------------
+
+
+def np_dropped_general(scores, occupied, child_scores, **options):
+    all_scores = np.concatenate([scores, np.asarray(child_scores)[None]])
+    competing = np.concatenate([occupied, [True]])
+    _, f = np_general_fitness(all_scores, competing, **options)
+    return int(np.argmin(np.where(competing, f, np.inf)))
+
+
+@pytest.mark.parametrize("rule,subtract_worst,eps", [("max", False, 0.0), ("fixed", True, 0.0), ("max", True, 0.05)])
+def test_tell_with_continuous_score_options_drops_like_numpy(rule, subtract_worst, eps):
+    """Continuous scores, a full archive of 6: the capacity rule, worst subtraction and
+    eps decide who leaves as in the NumPy reference over the 6 + the child; and they
+    change decisions against the digits rule (else this test could not see them)."""
+    rng = np.random.default_rng(11)
+    algorithm = mj.M2N2(archive_size=6, capacity_rule=rule, subtract_worst=subtract_worst)
+    params = algorithm.default_params().replace(eps=jnp.float32(eps))
+    child = P.init_model(jax.random.key(9))
+    options = dict(capacity="max" if rule == "max" else "ones", subtract_worst=subtract_worst, eps=eps)
+    changed = 0
+    for _ in range(16):
+        scores = jnp.asarray(rng.uniform(size=(6, 12)) ** 3, jnp.float32)
+        state = init(algorithm, models(6, int(rng.integers(1000))), scores, params)
+        child_scores = jnp.asarray(rng.uniform(size=12) ** 3, jnp.float32)
+        dropped = np_dropped_general(np.asarray(scores), np.ones(6, bool), np.asarray(child_scores), **options)
+        assert_told(tell(algorithm, state, child, child_scores, params), state, dropped, child, child_scores)
+        changed += dropped != np_dropped(np.asarray(scores), np.ones(6, bool), np.asarray(child_scores))
+    assert changed > 0, "the options never changed a decision: the test cannot see them"
+
+
+def test_parents_are_drawn_by_the_general_fitness():
+    """No crossover, continuous scores, capacity "max" + worst subtraction: the copied
+    parent's frequencies are f / sum(f) of the NumPy reference, not the digits rule's."""
+    scores = np.array([[0.9, 0.6, 0.6], [0.6, 0.9, 0.6], [0.6, 0.6, 0.9], [0.5, 0.5, 0.5]], np.float32)  # 3 is worst
+    algorithm = mj.M2N2(archive_size=N, crossover=False, mutation=False, capacity_rule="max", subtract_worst=True)
+    params = algorithm.default_params()
+    state = init(algorithm, SEEDS, jnp.asarray(scores), params)
+    children = ask_many(algorithm, state, params, KEYS)
+    match = (children[:, None, :] == X[None].astype(np.float32)).all(-1)
+    freq = np.bincount(match.argmax(1), minlength=N) / len(KEYS)
+    _, f = np_general_fitness(scores, np.ones(N, bool), capacity="max", subtract_worst=True)
+    _, plain = np_fitness(scores)
+    np.testing.assert_allclose(freq, f / f.sum(), atol=0.04)
+    assert freq[3] == 0 and plain[3] / plain.sum() > 0.15  # the worst everywhere collects nothing
+
+
+def test_warmup_draws_both_parents_uniformly_among_occupied_slots():
+    """3 of 6 slots occupied; model 0 solves everything, so after warm-up every child is
+    model 0 merged with itself (A ~ f, no attraction to anyone). During the first
+    `warmup` asks each unordered pair of distinct occupied slots has probability 1/3,
+    and no empty slot is a parent."""
+    algorithm = mj.M2N2(archive_size=6, split_point=False, mutation=False)
+    params = algorithm.default_params().replace(warmup=jnp.int32(5))
+    scores = jnp.array([[1.0] * 6, [0.0] * 6, [0.0] * 6])
+    state = init(algorithm, jax.tree.map(lambda x: x[:3], SEEDS), scores, params)
+    assert int(state.asked) == 0
+    fits = fit_slerp(ask_many(algorithm, state, params, KEYS[:600]))
+    assert max(err for *_, err in fits) < 1e-5
+    pairs = collections.Counter(tuple(sorted((i, j))) for i, j, _ in fits)
+    assert set(pairs) == {(0, 1), (0, 2), (1, 2)}
+    for count in pairs.values():
+        assert abs(count / 600 - 1 / 3) < 0.06
+    after = fit_slerp(ask_many(algorithm, state.replace(asked=jnp.int32(5)), params, KEYS[:50]))
+    assert all((i, j) == (0, 0) for i, j, _ in after)
+
+
+def test_warmup_counts_asks_in_a_run():
+    """Through the runner: `asked` counts the steps, and warm-up makes a difference only
+    while asked < warmup (same key: the runs agree up to there, not after)."""
+    algorithm = mj.M2N2(archive_size=4, mutation=False)
+    run = lambda w: mj.run(algorithm, P.KEYS[:1], P.score_fn, P.TRAIN, 2 + 12, seed_fn=P.seed_fn, log_every=1,
+                           params=algorithm.default_params().replace(warmup=jnp.int32(w)), progress=False)
+    cold, warm = run(0), run(12)
+    assert int(cold.state.asked[0]) == int(warm.state.asked[0]) == 12
+    assert not np.array_equal(flat(cold.state.params), flat(warm.state.params))
+
+
+def one_group(path):
+    return "all"
+
+
+def per_layer(path):
+    """Group by layer: the digits MLP's leaves are 0/kernel, 0/bias, 1/kernel, 1/bias."""
+    return path.split("/")[0]
+
+
+def test_one_group_is_todays_m2n2_bit_for_bit():
+    plain = mj.M2N2(archive_size=N)
+    grouped = mj.M2N2(archive_size=N, groups=one_group)
+    state, params = switch_state(plain)
+    for key in KEYS[:5]:
+        chex.assert_trees_all_equal(ask(grouped, key, state, params), ask(plain, key, state, params))
+    for no_split in (mj.M2N2(archive_size=N, split_point=False), mj.M2N2(archive_size=N, split_point=False, groups=one_group)):
+        chex.assert_trees_all_equal(ask(no_split, KEYS[0], state, params)[0],
+                                    ask(mj.M2N2(archive_size=N, split_point=False), KEYS[0], state, params)[0])
+
+
+def test_grouped_child_has_per_group_ratio_split_and_angle():
+    """Two layer groups: the child is, per group, the split-point slerp of that group's
+    parent vectors with the group's own w_g ~ U(0, 1), k_g ~ U{0, .., D_g - 1} and angle
+    (NumPy, float64), with the draws of ask's key layout."""
+    algorithm = mj.M2N2(archive_size=N, groups=per_layer, mutation=False)
+    state, params = switch_state(algorithm)
+    F, f = np_fitness(S_ATTR)
+    sizes = np.array([8 * 16 + 16, 16 * 4 + 4])
+    assert mj.merge.leaf_groups(TEMPLATE, per_layer) == (0, 0, 1, 1)
+
+    @jax.jit
+    def draws(key):
+        k_parents, k_ratio, k_split, _ = jax.random.split(key, 4)
+        a, b = sample_parents(k_parents, F.astype(np.float32), f.astype(np.float32), np.ones(N, bool))
+        return a, b, jax.random.uniform(k_ratio, (2,)), jax.random.randint(k_split, (2,), 0, sizes)
+
+    for key in KEYS[:6]:
+        a, b, w, k = draws(key)
+        child = flat(ask(algorithm, key, state, params)[0])[0]
+        xa, xb = X[int(a)], X[int(b)]
+        d0 = sizes[0]
+        expected = np.concatenate([np_split_point_slerp(xa[:d0], xb[:d0], float(w[0]), int(k[0])),
+                                   np_split_point_slerp(xa[d0:], xb[d0:], float(w[1]), int(k[1]))])
+        np.testing.assert_allclose(child, expected, atol=2e-6)

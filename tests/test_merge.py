@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from m2n2_jax.merge import num_params, slerp, split_point_slerp
+from m2n2_jax.merge import group_sizes, leaf_groups, num_params, slerp, split_point_slerp
 
 
 def np_split_slerp(a, b, w, k, eps=1e-6):
@@ -122,3 +122,90 @@ def test_leafwise_merge_equals_flat_merge_on_many_mixed_dtype_leaves():
         np.testing.assert_allclose(flat(to32(child)), ref, rtol=2e-2, atol=2e-2)
         f32 = np.concatenate([np.full(s, dt == jnp.float32) for s, dt in zip(sizes, dtypes)])
         np.testing.assert_allclose(flat(to32(child))[f32], ref[f32], rtol=2e-5, atol=2e-6)
+
+
+# --- parameter groups and the antiparallel guard --------------------------------------
+
+def by_top_key(path):
+    """conv, dense (kernel and bias) and scale: three groups, leaves interleaved in order."""
+    return path.split("/")[0]
+
+
+def test_leaf_groups_label_leaves_by_path_in_order_of_first_appearance(rng):
+    tree = random_tree(rng)  # leaves: conv, dense/bias, dense/kernel, scale
+    assert leaf_groups(tree, None) == (0, 0, 0, 0)
+    assert leaf_groups(tree, by_top_key) == (0, 1, 1, 2)
+    assert leaf_groups(tree, lambda p: "attn" if "bias" in p or p == "scale" else "rest") == (0, 1, 0, 1)
+    assert group_sizes(tree, (0, 1, 0, 1)) == (24 + 30, 5 + 1)
+
+
+def np_grouped(a, b, ws, ks, groups, eps=1e-6):
+    """NumPy reference: each group's leaves concatenated in leaf order, merged by
+    `np_split_slerp` as their own vector with their own w, k and angle, put back."""
+    la, lb = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)], [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)]
+    out = [None] * len(la)
+    for g in range(max(groups) + 1):
+        members = [i for i, gi in enumerate(groups) if gi == g]
+        merged = np_split_slerp(np.concatenate([la[i] for i in members]), np.concatenate([lb[i] for i in members]),
+                                ws[g], ks[g], eps)
+        for i in members:
+            out[i], merged = merged[:la[i].size], merged[la[i].size:]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("ks", [(0, 0), (10, 3), (54, 6), (31, 5)])
+def test_grouped_split_point_slerp_matches_numpy(transform, ks):
+    """Two interleaved groups (conv + dense/kernel, dense/bias + scale) of sizes 54 and 6:
+    split points in each group's own ravel order, each group its own ratio and angle."""
+    rng = np.random.default_rng(sum(ks))
+    a, b = random_tree(rng), random_tree(rng)
+    groups = (0, 1, 0, 1)
+    ws = jnp.array([0.2, 0.7])
+    child = transform(lambda a, b, w, k: split_point_slerp(a, b, w, k, groups=groups))(a, b, ws, jnp.array(ks))
+    chex.assert_trees_all_equal_shapes_and_dtypes(child, a)
+    np.testing.assert_allclose(flat(child), np_grouped(a, b, np.asarray(ws), ks, groups), rtol=2e-5, atol=2e-6)
+    # Not the ungrouped merge: the angles and ratios really differ per group.
+    assert not np.allclose(flat(child), np_split_slerp(flat(a), flat(b), 0.2, ks[0]), atol=1e-3)
+
+
+def test_grouped_slerp_gives_each_group_its_own_ratio_and_angle(rng):
+    a, b = random_tree(rng), random_tree(rng)
+    groups = (0, 1, 1, 2)
+    ws = np.array([0.1, 0.5, 0.8])
+    child = slerp(a, b, ws, groups=groups)
+    np.testing.assert_allclose(flat(child), np_grouped(a, b, ws, (24, 35, 1), groups), rtol=2e-5, atol=2e-6)
+
+
+def test_one_group_is_the_ungrouped_merge_bit_for_bit(rng):
+    a, b = random_tree(rng, jnp.bfloat16), random_tree(rng, jnp.bfloat16)
+    for w, k in [(0.3, 17), (0.9, 0), (0.55, 60)]:
+        one = jax.jit(lambda a, b, w, k: split_point_slerp(a, b, w, k, groups=(0, 0, 0, 0)))(a, b, jnp.array([w]), jnp.array([k]))
+        chex.assert_trees_all_equal(one, jax.jit(split_point_slerp)(a, b, w, k))
+
+
+def test_groups_must_name_every_leaf(rng):
+    a = random_tree(rng)
+    with pytest.raises(ValueError, match="groups names 3 leaves"):
+        split_point_slerp(a, a, jnp.array([0.5]), jnp.array([3]), groups=(0, 0, 0))
+
+
+def antiparallel(rng):
+    a = random_tree(rng)
+    b = jax.tree.map(lambda x: -1.5 * x + 1e-3 * jnp.asarray(rng.normal(size=x.shape), x.dtype), a)
+    return a, b
+
+
+def test_antiparallel_parents_explode_under_the_paper_rule_and_not_with_the_guard(rng):
+    """B ~ -1.5 A (sin(Omega) ~ 1e-3): the paper's rule gives coefficients ~ 1 / sin(Omega),
+    a child far outside the parents' scale; with mergekit's 0.9995 the merge is linear:
+    the child is (1 - w) A + w B, no larger than the parents."""
+    a, b = antiparallel(rng)
+    scale = max(np.abs(flat(a)).max(), np.abs(flat(b)).max())
+    paper = flat(slerp(a, b, 0.3))
+    guarded = flat(slerp(a, b, 0.3, dot_threshold=0.9995))
+    assert np.abs(paper).max() > 50 * scale
+    np.testing.assert_allclose(guarded, 0.7 * flat(a) + 0.3 * flat(b), rtol=1e-5, atol=1e-6)
+    assert np.abs(guarded).max() <= scale
+    # The guard is inactive for ordinary parents: the same child bit for bit.
+    c, d = random_tree(rng), random_tree(rng)
+    chex.assert_trees_all_equal(split_point_slerp(c, d, 0.3, 20, dot_threshold=0.9995), split_point_slerp(c, d, 0.3, 20))

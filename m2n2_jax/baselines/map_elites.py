@@ -75,7 +75,7 @@ class MapElites(Algorithm):
         child = split_point_slerp(parent_a, parent_b, jax.random.uniform(key_ratio), split, params.slerp_eps)
         if self.mutation:
             child = gaussian_mutation(key_noise, child, params.mutation_std)
-        return jax.tree.map(lambda x: x[None], child), state
+        return jax.tree.map(lambda x: x[None], child), state.replace(asked=state.asked + 1)
 
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child takes its cell if the cell is empty or its quality is strictly higher."""
