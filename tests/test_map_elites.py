@@ -31,8 +31,9 @@ def flat(tree):
 
 def np_cell(descriptor, bins):
     """floor(descriptor * bins) per axis, in float32 like the descriptors themselves."""
-    ij = np.clip(np.floor(np.asarray(descriptor, np.float32) * np.float32(bins)).astype(int), 0, bins - 1)
-    return int(ij[0] * bins + ij[1])
+    b = np.array((bins, bins) if np.isscalar(bins) else bins)
+    ij = np.clip(np.floor(np.asarray(descriptor, np.float32) * b.astype(np.float32)).astype(int), 0, b - 1)
+    return int(ij[0] * b[1] + ij[1])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -63,6 +64,18 @@ def test_cell_matches_numpy(rng):
         d[:10] = np.round(d[:10] * bins) / bins  # bin edges
         got = jax.vmap(lambda x: me.cell(x, bins))(jnp.asarray(d))
         np.testing.assert_array_equal(got, [np_cell(x, bins) for x in d])
+
+
+def test_rectangular_grid_cells_match_numpy(rng):
+    """A 3 x 5 grid: axis 0 has 3 bins, axis 1 has 5 (a transposed grid would differ)."""
+    assert int(me.cell(jnp.array([0.99, 0.0]), (3, 5))) == 10 and int(me.cell(jnp.array([0.0, 0.99]), (3, 5))) == 4
+    d = rng.uniform(size=(300, 2)).astype(np.float32)
+    got = jax.vmap(lambda x: me.cell(x, (3, 5)))(jnp.asarray(d))
+    np.testing.assert_array_equal(got, [np_cell(x, (3, 5)) for x in d])
+    assert set(np.asarray(got)) == set(range(15))
+    algorithm = mj.MapElites(bins=(3, 5))
+    state = init(algorithm, models(2), jnp.zeros((2, 4)), PARAMS)
+    assert state.scores.shape[0] == 15
 
 
 def test_group_descriptor_averages_each_group(rng):
@@ -177,7 +190,7 @@ def test_ask_is_the_split_point_slerp_of_quality_drawn_parents():
     for seed in range(6):
         key = jax.random.key(seed)
         children, same = ask(algorithm, key, state, params)
-        chex.assert_trees_all_equal(same, state)
+        chex.assert_trees_all_equal(same, state.replace(asked=state.asked + 1))
         a, b, w, k, noise = draws(key)
         a, b, w, k = int(a), int(b), float(w), int(k)
         assert state.occupied[a] and state.occupied[b]
@@ -209,8 +222,9 @@ def test_best_is_the_top_quality_cell():
 
 
 def test_validation():
-    with pytest.raises(ValueError, match="bins"):
-        mj.MapElites(bins=0)
+    for bins in (0, (2,), (2, 0), (2.0, 3)):
+        with pytest.raises(ValueError, match="bins"):
+            mj.MapElites(bins=bins)
     seeds, scores = models(2), jnp.zeros((2, 4))
     with pytest.raises(ValueError, match="descriptor"):
         ALGO.init(jax.random.key(0), seeds, scores, ALGO.default_params())

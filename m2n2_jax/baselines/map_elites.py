@@ -1,9 +1,10 @@
 """MAP-Elites baseline (Mouret & Clune, 2015) as used in the M2N2 paper.
 
-A grid of `bins` x `bins` cells over a 2-D descriptor in [0, 1]^2 of a model's
-per-datapoint scores, descriptor = W @ scores with W (2, M) in `Params` (for digits:
-accuracy on odd and on even digits; for the paper's LLM run: each skill's accuracy, a
-4 x 4 grid); the quality is the plain training score. Both parents are drawn
+A grid of `bins` cells (b0 x b1, or b x b) over a 2-D descriptor in [0, 1]^2 of a
+model's per-datapoint scores, descriptor = W @ scores with W (2, M) in `Params`: the
+user's two descriptors (for digits: accuracy on odd and on even digits; for the
+paper's LLM run: each skill's accuracy on a 4 x 4 grid, `group_descriptor` of the
+datapoints' skills); the quality is the plain training score. Both parents are drawn
 proportionally to quality among filled cells, merged with the split-point slerp and
 mutated; the child takes its cell if the cell is empty or it is strictly better.
 """
@@ -40,16 +41,23 @@ class Params:
 @dataclasses.dataclass(frozen=True)
 class MapElites(Algorithm):
     """Attributes:
-      bins: cells per descriptor axis; the archive has bins**2 slots.
+      bins: cells per descriptor axis, an int (square grid) or (b0, b1); the archive
+        has b0 * b1 slots.
       mutation: mutate each child.
     """
 
-    bins: int = 10
+    bins: int | tuple[int, int] = 10
     mutation: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.bins, int) or self.bins < 1:
-            raise ValueError(f"bins must be an int >= 1, got {self.bins!r}")
+        shape = self.grid
+        if len(shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in shape):
+            raise ValueError(f"bins must be an int >= 1 or a pair of them, got {self.bins!r}")
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """(b0, b1), the cells per descriptor axis."""
+        return (self.bins, self.bins) if isinstance(self.bins, int) else tuple(self.bins)
 
     def default_params(self) -> Params:
         """Without a descriptor: set one with `group_descriptor` (`params.replace(descriptor=...)`)."""
@@ -62,7 +70,7 @@ class MapElites(Algorithm):
             raise ValueError(f"Params.descriptor must have shape (2, {seed_scores.shape[1]}), "
                              f"got {params.descriptor.shape}")
         template = jax.tree.map(lambda x: x[0], seed_models)
-        state = archive_lib.empty(template, self.bins**2, seed_scores.shape[1])
+        state = archive_lib.empty(template, self.grid[0] * self.grid[1], seed_scores.shape[1])
         return self.tell(key, state, seed_models, seed_scores, params)
 
     def ask(self, key, state: Archive, params: Params):
@@ -82,7 +90,7 @@ class MapElites(Algorithm):
         del key
 
         def insert(state, child, child_scores):
-            index = cell(params.descriptor @ child_scores, self.bins)
+            index = cell(params.descriptor @ child_scores, self.grid)
             accept = ~state.occupied[index] | (child_scores.mean() > state.scores[index].mean())
             return archive_lib.replace(state, index, child, child_scores, accept)
 
@@ -102,7 +110,9 @@ def group_descriptor(groups, num_groups: int = 2) -> jax.Array:
     return one_hot / jnp.maximum(one_hot.sum(axis=1, keepdims=True), 1.0)
 
 
-def cell(descriptor: jax.Array, bins: int) -> jax.Array:
-    """Flat cell index of a descriptor in [0, 1]^2 (1.0 falls in the last bin)."""
-    ij = jnp.clip(jnp.floor(descriptor * bins).astype(jnp.int32), 0, bins - 1)
-    return ij[0] * bins + ij[1]
+def cell(descriptor: jax.Array, bins: int | tuple[int, int]) -> jax.Array:
+    """Flat (row-major) cell index of a descriptor in [0, 1]^2 on a b0 x b1 grid (1.0
+    falls in the last bin)."""
+    b = jnp.asarray((bins, bins) if isinstance(bins, int) else bins)
+    ij = jnp.clip(jnp.floor(descriptor * b).astype(jnp.int32), 0, b - 1)
+    return ij[0] * b[1] + ij[1]
