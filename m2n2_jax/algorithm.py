@@ -122,9 +122,8 @@ class M2N2(Algorithm):
         per_point, fitness = self.fitness(state.scores, state.occupied, params)
         if self.crossover:
             a, b = sample_parents(key_parents, per_point, fitness, state.occupied, self.attraction)
-            warm_a, warm_b = uniform_pair(key_parents, state.occupied)
-            warm = state.asked < params.warmup
-            a, b = jnp.where(warm, warm_a, a), jnp.where(warm, warm_b, b)
+            a, b = jax.lax.cond(state.asked < params.warmup, lambda: uniform_pair(key_parents, state.occupied),
+                                lambda: (a, b))  # a branch: no cost after warm-up (unless vmapped)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
             groups = None if self.groups is None else leaf_groups(parent_a, self.groups)
             sizes = group_sizes(parent_a, groups or (0,) * len(jax.tree.leaves(parent_a)))
