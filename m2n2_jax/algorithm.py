@@ -108,8 +108,11 @@ class M2N2(Algorithm):
 
     def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
         """An archive of `archive_size` slots with the seeds inserted in order by the tell rule."""
+        m = seed_scores.shape[1]
+        if params.capacity is not None and jnp.shape(params.capacity) != (m,):
+            raise ValueError(f"Params.capacity must have shape ({m},), one per datapoint, got {jnp.shape(params.capacity)}")
         template = jax.tree.map(lambda x: x[0], seed_models)
-        state = archive_lib.empty(template, self.archive_size, seed_scores.shape[1])
+        state = archive_lib.empty(template, self.archive_size, m)
         return self.tell(key, state, seed_models, seed_scores, params)
 
     def ask(self, key, state: Archive, params: Params):

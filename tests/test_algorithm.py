@@ -405,6 +405,17 @@ def test_archive_size_is_validated():
         mj.M2N2(archive_size=2.0)
 
 
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="capacity_rule"):
+        mj.M2N2(capacity_rule="mean")
+    with pytest.raises(ValueError, match="groups"):
+        mj.M2N2(groups="attn")
+    algorithm = mj.M2N2(archive_size=4)
+    params = algorithm.default_params().replace(capacity=jnp.ones(7))
+    with pytest.raises(ValueError, match=r"capacity must have shape \(6,\)"):
+        algorithm.init(jax.random.key(0), SEEDS, jnp.asarray(S_ATTR), params)
+
+
 # --- options of the paper's real-model experiments -------------------------------------
 
 
