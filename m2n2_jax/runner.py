@@ -214,7 +214,7 @@ def run(
     store = None
     if checkpoint is not None:
         store = Store(checkpoint, {
-            "algorithm": repr(algorithm), "params": _digest(params), "forward_passes": int(forward_passes),
+            "algorithm": _describe(algorithm), "params": _digest(params), "forward_passes": int(forward_passes),
             "num_runs": int(num_runs), "num_seeds": int(num_seeds), "log_every": log_every,
             "runs_padded_to": int(padded.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
             "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(template)],
@@ -294,6 +294,20 @@ def _as_run_keys(key) -> jax.Array:
     if keys.ndim != 1 or keys.shape[0] < 1:
         raise ValueError(f"key must be one PRNG key or a 1-D batch of at least one, got shape {key.shape}")
     return keys
+
+
+def _describe(algorithm: Algorithm) -> str:
+    """repr of the algorithm with functions (e.g. M2N2.groups) named by module and
+    qualified name, not by their address, which changes from process to process."""
+    def name(value):
+        if callable(value) and not isinstance(value, type):
+            return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        return repr(value)
+
+    if not dataclasses.is_dataclass(algorithm):
+        return repr(algorithm)
+    fields = ", ".join(f"{f.name}={name(getattr(algorithm, f.name))}" for f in dataclasses.fields(algorithm))
+    return f"{type(algorithm).__name__}({fields})"
 
 
 def _digest(tree) -> str:

@@ -357,3 +357,18 @@ def test_seed_fn_gives_every_run_its_own_seeds():
     for r in range(3):
         assert_trees_equal(row(result.state.seeds, r), jax.jit(P.seed_fn)(init_keys[r]))
     assert not np.array_equal(result.state.seeds[0].kernel[0], result.state.seeds[0].kernel[1])
+
+
+def test_checkpoint_metadata_names_functions_not_addresses():
+    """M2N2(groups=fn) is described by fn's module and name (a fresh process that resumes
+    gets another address for the same function), and two functions differ."""
+    from m2n2_jax.runner import _describe
+    from m2n2_jax.tasks.digits import layer_of
+
+    def other(path):
+        return path
+
+    described = _describe(mj.M2N2(groups=layer_of))
+    assert "groups=m2n2_jax.tasks.digits.layer_of" in described and "0x" not in described
+    assert _describe(mj.M2N2(groups=other)) != described
+    assert "0x" in repr(mj.M2N2(groups=layer_of))  # what the plain repr would have stored
