@@ -62,7 +62,7 @@ def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, se
     settings = methods.Settings(
         mutation_std=spec.mutation_std, archive_size=spec.archive_size,
         descriptor=mj.group_descriptor(digits.parity_groups(train[1])), num_ratios=spec.forward_passes,
-        population=spec.population, std_init=spec.std_init, template=template)
+        population=spec.population, std_init=spec.std_init, template=template, groups=digits.layer_of)
     try:
         algorithm, params = methods.make_method(spec.method, settings)
         result = mj.run(algorithm, harness.run_keys(spec.seed, spec.runs), digits.classification_scores, train,

@@ -33,7 +33,9 @@ def summary(per_run: dict, methods, names) -> tuple[dict, dict, dict]:
 def linear_path(models: dict, test_scores: Callable, weights) -> dict:
     """{f"{w:.1f}": test_scores(linear merge)} along the straight line from specialist_a
     (w = 0) to specialist_b (w = 1): why interpolating merges fail or succeed."""
-    return {f"{w:.1f}": test_scores(merge_ops.linear(models["specialist_a"], models["specialist_b"], w))
+    pair = [models["specialist_a"], models["specialist_b"]]
+    return {f"{w:.1f}": test_scores(merge_ops.linear(pair, jnp.stack([1 - jnp.float32(w), jnp.float32(w)]),
+                                                     normalize=False))
             for w in weights}
 
 

@@ -15,6 +15,7 @@ import itertools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m2n2_jax import merge_ops
@@ -31,21 +32,33 @@ class Operator:
     grid: dict
 
 
+def _pair(m):
+    return [m["specialist_a"], m["specialist_b"]]
+
+
+def _interpolation(w):
+    """Weights (1 - w, w): with normalize=False, linear is (1 - w) a + w b."""
+    w = jnp.asarray(w, jnp.float32)
+    return jnp.stack([1 - w, w])
+
+
+# The task-vector operators use both task vectors at weight 1 (scale multiplies their
+# sum), M2N2's conventions and DARE's 1 / density rescale (merge_ops' defaults).
 OPERATORS = {
-    "linear": Operator(lambda m, c, k: merge_ops.linear(m["specialist_a"], m["specialist_b"], c["weight"]),
+    "linear": Operator(lambda m, c, k: merge_ops.linear(_pair(m), _interpolation(c["weight"]), normalize=False),
                        {"weight": np.linspace(0, 1, 11)}),
     "slerp": Operator(lambda m, c, k: merge_ops.slerp(m["specialist_a"], m["specialist_b"], c["weight"]),
                       {"weight": np.linspace(0, 1, 11)}),
     "task_arithmetic": Operator(
-        lambda m, c, k: merge_ops.task_arithmetic(m["base"], m["specialist_a"], m["specialist_b"], c["scale"]),
+        lambda m, c, k: merge_ops.task_arithmetic(m["base"], _pair(m), [1.0, 1.0], scale=c["scale"]),
         {"scale": np.linspace(0.3, 1.5, 13)}),
     "ties": Operator(
-        lambda m, c, k: merge_ops.ties(m["base"], m["specialist_a"], m["specialist_b"], c["density"], c["scale"]),
+        lambda m, c, k: merge_ops.ties(m["base"], _pair(m), [1.0, 1.0], c["density"], scale=c["scale"]),
         {"density": (0.1, 0.2, 0.4, 0.7, 1.0), "scale": SCALES}),
+    # density is the fraction kept (drop rates 0.1 ... 0.9, in that order).
     "dare": Operator(
-        lambda m, c, k: merge_ops.dare(k, m["base"], m["specialist_a"], m["specialist_b"], c["drop_rate"],
-                                       c["scale"]),
-        {"drop_rate": (0.1, 0.3, 0.5, 0.7, 0.9), "scale": SCALES}),
+        lambda m, c, k: merge_ops.dare(k, m["base"], _pair(m), [1.0, 1.0], c["density"], scale=c["scale"]),
+        {"density": (0.9, 0.7, 0.5, 0.3, 0.1), "scale": SCALES}),
 }
 BASELINES = tuple(OPERATORS)
 GRIDS = {name: op.grid for name, op in OPERATORS.items()}

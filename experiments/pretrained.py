@@ -7,6 +7,8 @@ The archive starts from the specialist on digits 0-4 and the one on 5-9
 (experiments/specialists.py, cached with orbax); no method mutates. `brute-force`
 scores --forward-passes evenly spaced slerp ratios between the two specialists (the
 ends are the specialists) and keeps the best on training data (identical in every run).
+`slerp-cma-es` is the paper's LLM baseline in miniature: CMA-ES over one slerp ratio
+per layer between the two specialists (2 coefficients; --population, --std-init).
 Writes OUT/METHOD.json with the fields of experiments/from_scratch.py.
 """
 
@@ -23,7 +25,7 @@ from harness import POSITIVE, flag  # noqa: E402
 from m2n2_jax.tasks import digits  # noqa: E402
 from specialists import CACHE, HALVES, label_accuracy, load_or_train  # noqa: E402
 
-METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "brute-force")
+METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "brute-force", "slerp-cma-es")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,18 +12,19 @@ from m2n2_jax.base import Algorithm
 from m2n2_jax.baselines.brute_force import SlerpGrid
 from m2n2_jax.baselines.evosax_es import EvosaxES
 from m2n2_jax.baselines.map_elites import MapElites, group_descriptor
+from m2n2_jax.baselines.merge_es import MergeES
 from m2n2_jax.checkpoint import Checkpointing
 from m2n2_jax.fitness import attraction, resource_fitness
-from m2n2_jax.merge import num_params, slerp, slerp_coefficients, split_point_slerp
+from m2n2_jax.merge import leaf_groups, leaf_path, num_params, slerp, slerp_coefficients, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.runner import RunResult, best_model_metrics, evolve, init_state, run, step
 from m2n2_jax.scoring import evaluate
 from m2n2_jax.selection import proportional, sample_parents
 
 __all__ = [
-    "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "MapElites", "Params", "RunResult", "SlerpGrid",
+    "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "MapElites", "MergeES", "Params", "RunResult", "SlerpGrid",
     "attraction", "best_model_metrics", "evaluate", "evolve", "gaussian_mutation", "group_descriptor", "init_state",
-    "merge_ops", "num_params", "proportional", "resource_fitness", "run", "sample_parents", "slerp",
+    "leaf_groups", "leaf_path", "merge_ops", "num_params", "proportional", "resource_fitness", "run", "sample_parents", "slerp",
     "slerp_coefficients", "split_point_slerp", "step",
 ]
 __version__ = "0.2.0"

@@ -26,11 +26,11 @@ def score_fn(params, batch):
     return (jnp.argmax(digits.mlp_apply(params, x), -1) == y).astype(jnp.float32)
 
 
-def seed_fn(key):
-    """Two random seed models per run, stacked (2, ...)."""
-    return jax.vmap(init_model)(jax.random.split(key, 2))
+def seed_fn(key, n=2):
+    """n random seed models per run, stacked (n, ...)."""
+    return jax.vmap(init_model)(jax.random.split(key, n))
 
 
 KEYS = jax.vmap(jax.random.key)(jnp.arange(3))
 SETTINGS = methods.Settings(mutation_std=0.05, descriptor=group_descriptor(TRAIN[1] % 2), num_ratios=60,
-    template=init_model(jax.random.key(0)), population=4, std_init=0.3)
+    template=init_model(jax.random.key(0)), population=4, std_init=0.3, groups=digits.layer_of)

@@ -32,11 +32,14 @@ def one_seed(key):
 
 def seeding(algorithm):
     """(seed keyword of mj.run, S): the ES starts from one model, the slerp grid from
-    two shared ones, everything else from two random models per run."""
+    two shared ones, the merge-coefficient ES from its own number of random models per
+    run (a base and K models), everything else from two random models per run."""
     if isinstance(algorithm, mj.SlerpGrid):
         return dict(seed_models=SEED_MODELS), 2
     if isinstance(algorithm, mj.EvosaxES):
         return dict(seed_fn=one_seed), 1
+    if isinstance(algorithm, mj.MergeES):
+        return dict(seed_fn=functools.partial(P.seed_fn, n=algorithm.num_seeds)), algorithm.num_seeds
     return dict(seed_fn=P.seed_fn), 2
 
 
@@ -78,7 +81,7 @@ def name(request):
 
 
 def test_menu_is_complete():
-    assert len(METHODS) == len(set(METHODS)) == 10
+    assert len(METHODS) == len(set(METHODS)) == 14
     for algorithm, _ in CASES.values():
         assert isinstance(algorithm, mj.Algorithm)
         hash(algorithm)  # a static argument of jit

@@ -19,3 +19,22 @@ def test_readme_example_runs_and_the_merge_beats_both_specialists(capsys):
     assert merged.shape == (4,)
     assert merged.min() > max(specialists), (merged, specialists)
     assert "merged:" in capsys.readouterr().out
+
+
+def test_readme_real_model_options_run_through_the_runner():
+    """The "For real models" block builds an M2N2 with every option; it runs (grouped
+    by the tiny MLP's leaf names, which contain no "attn": one group "rest")."""
+    import jax
+    import jax.numpy as jnp
+
+    import m2n2_jax as mj
+    import problems as P
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S) if "attention_or_rest" in b)
+    namespace = {"mj": mj, "jnp": jnp}
+    exec(compile(block, "README.md", "exec"), namespace)
+    algorithm, params = namespace["algorithm"], namespace["params"]
+    assert (algorithm.capacity_rule, algorithm.subtract_worst, int(params.warmup)) == ("max", True, 50)
+    result = mj.run(algorithm, P.KEYS[:1], P.score_fn, P.TRAIN, 2 + 60, params=params, seed_fn=P.seed_fn,
+                    log_every=20, progress=False)
+    assert int(result.state.asked[0]) == 60 and np.isfinite(result.train_accuracy).all()

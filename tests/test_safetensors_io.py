@@ -64,7 +64,7 @@ def test_loaded_checkpoints_merge_and_write_back(tmp_path, rng):
     a, b = tiny_checkpoint(rng), tiny_checkpoint(rng)
     save(a, str(tmp_path / "a.safetensors"))
     save(b, str(tmp_path / "b"), max_shard_bytes=64)
-    merged = merge_ops.linear(load(str(tmp_path / "a.safetensors")), load(str(tmp_path / "b")), 0.25)
+    merged = merge_ops.linear([load(str(tmp_path / "a.safetensors")), load(str(tmp_path / "b"))], [0.75, 0.25])
     save(jax.tree.map(np.asarray, merged), str(tmp_path / "merged"))
     out = load(str(tmp_path / "merged"))
     expected = 0.75 * a["out"]["kernel"] + 0.25 * b["out"]["kernel"]
@@ -77,7 +77,7 @@ def test_vocab_mismatch_merges_shared_rows_and_keeps_extra_ones(rng):
     a_cut, b_cut, extra = split_vocab(a, b, vocab_sizes=(12, 13))
     assert a_cut["embed"]["embedding"].shape == b_cut["embed"]["embedding"].shape == (12, 4)
     assert b_cut["out"]["kernel"].shape == (4, 12) and b_cut["out"]["bias"].shape == (12,)
-    merged = join_vocab(jax.tree.map(np.asarray, merge_ops.linear(a_cut, b_cut, 0.5)), extra)
+    merged = join_vocab(jax.tree.map(np.asarray, merge_ops.linear([a_cut, b_cut], [0.5, 0.5])), extra)
     assert {k: v.shape for k, v in flatten(merged).items()} == {k: v.shape for k, v in flatten(b).items()}
     # NumPy reference: shared rows averaged, the extra row (index 12) copied from b.
     emb = merged["embed"]["embedding"]

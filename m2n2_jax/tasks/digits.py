@@ -25,6 +25,11 @@ class Dense(NamedTuple):
     bias: jax.Array  # (outputs,)
 
 
+def layer_of(path: str) -> str:
+    """The layer of a leaf path ("0/kernel" -> "0"): parameter groups of one layer each."""
+    return path.split("/")[0]
+
+
 def load_digits(train_fraction: float = 0.8):
     """((x_train, y_train), (x_test, y_test)) as float32 (M, 64) and int32 (M,) arrays."""
     from sklearn.datasets import load_digits as _load

@@ -24,7 +24,9 @@ M2N2_VARIANTS = {  # name -> (static switches, alpha)
     "ga-no-crossover": ({"attraction": False, "crossover": False}, 0.0),
 }
 ES = {"cma-es": "CMA_ES", "sep-cma-es": "Sep_CMA_ES"}  # evosax class names
-METHODS = tuple(M2N2_VARIANTS) + ("map-elites", "brute-force") + tuple(ES)
+MERGE_ES = {  # CMA-ES over merge coefficients per group: name -> recipe
+    "slerp-cma-es": "slerp", "ta-cma-es": "task_arithmetic", "ties-cma-es": "ties", "dare-cma-es": "dare"}
+METHODS = tuple(M2N2_VARIANTS) + ("map-elites", "brute-force") + tuple(ES) + tuple(MERGE_ES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,11 @@ class Settings:
       population: ES population size.
       std_init: ES initial step size.
       template: a model (or its ShapeDtypeStructs) for the ES.
+      groups: leaf path -> group label: one merge coefficient per group for the
+        merge-coefficient ES (`MergeES`); None: one group.
+      num_models: K, the models merged on top of the base by the task-vector ES
+        (seeds: the base, then K models).
+      density: kept fraction of the task vectors (TIES, DARE).
     """
 
     mutation_std: float = 0.01
@@ -50,6 +57,9 @@ class Settings:
     population: int = 20
     std_init: float = 0.01
     template: object = None
+    groups: object = None
+    num_models: int = 2
+    density: float = 0.5
 
 
 def make_method(name: str, settings: Settings = Settings()):
@@ -78,4 +88,17 @@ def make_method(name: str, settings: Settings = Settings()):
             raise ValueError(f"{name} needs a model template")
         algorithm = EvosaxES.for_model(getattr(algorithms, ES[name]), settings.template, settings.population)
         return algorithm, algorithm.default_params().replace(std_init=jnp.float32(settings.std_init))
+    if name in MERGE_ES:
+        from evosax import algorithms
+
+        from m2n2_jax.baselines.merge_es import MergeES
+
+        if settings.template is None:
+            raise ValueError(f"{name} needs a model template")
+        recipe = MERGE_ES[name]
+        algorithm = MergeES.for_model(algorithms.CMA_ES, recipe, settings.template, settings.groups,
+                                      1 if recipe == "slerp" else settings.num_models, settings.population)
+        params = algorithm.default_params()
+        return algorithm, params.replace(es=params.es.replace(std_init=jnp.float32(settings.std_init)),
+                                         density=jnp.float32(settings.density))
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
