@@ -36,6 +36,8 @@ experiments: $(STAMP)
 	  $(BIN)/python experiments/pretrained.py --method $$method --runs 10 --forward-passes 10000 \
 	    --seed 42 --out experiments/results/pretrained || exit 1; \
 	done
+	$(BIN)/python experiments/pretrained.py --method slerp-cma-es --runs 10 --forward-passes 10000 \
+	  --seed 42 --population 20 --std-init 0.2 --out experiments/results/pretrained
 	$(BIN)/python experiments/plot.py experiments/results/pretrained
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
 

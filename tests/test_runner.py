@@ -156,7 +156,7 @@ def one_run(params, key, num_steps=58):
 @jax.jit
 def alpha_sweep(alphas, key):
     """One program: a vmap over Params with alpha batched."""
-    axes = PARAMS.replace(alpha=0, mutation_std=None, slerp_eps=None)
+    axes = jax.tree.map(lambda _: None, PARAMS).replace(alpha=0)
     return jax.vmap(one_run, (axes, None))(PARAMS.replace(alpha=alphas), key)
 
 
