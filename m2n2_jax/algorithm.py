@@ -25,6 +25,7 @@ from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
 from m2n2_jax.merge import group_sizes, leaf_groups, slerp, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
+from m2n2_jax.task_vectors import add_task_vector, scale_groups, task_vector
 
 
 @struct.dataclass
@@ -46,6 +47,9 @@ class Params:
       slerp_dot_threshold: the merge is linear where |cos(Omega)| exceeds it; 1 is
         the paper's rule (near-antiparallel parents give children far outside the
         parents' scale), mergekit's guard is 0.9995.
+      base: the common base model (`M2N2.task_vectors`), a pytree like the seeds.
+      magnitude_std: in task-vector mode, each child's task vector is scaled per
+        parameter group by exp(magnitude_std * N(0, 1)); 0: no rescaling.
     """
 
     alpha: jax.Array = 1.0
@@ -55,6 +59,8 @@ class Params:
     eps: jax.Array = 0.0
     warmup: jax.Array = 0
     slerp_dot_threshold: jax.Array = 1.0
+    base: object = None
+    magnitude_std: jax.Array = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,11 @@ class M2N2(Algorithm):
         "layers/0/attn/kernel") to a group label; each group gets its own ratio,
         split point and slerp angle. None: one group. Pass a module-level function
         (an equal function reuses compiled code; a new lambda recompiles).
+      task_vectors: our extension, not the paper's: merge the task vectors
+        tau = model - `Params.base` instead of the models (child = base +
+        merge(tau_A, tau_B)), and rescale each child's tau per group by a log-normal
+        magnitude (`Params.magnitude_std`), so children can extrapolate (reach e.g.
+        base + tau_a + tau_b) and refine a task vector's length.
     """
 
     archive_size: int = 20
@@ -88,6 +99,7 @@ class M2N2(Algorithm):
     capacity_rule: str = "fixed"
     subtract_worst: bool = False
     groups: Callable[[str], Hashable] | None = None
+    task_vectors: bool = False
 
     def __post_init__(self):
         if not isinstance(self.archive_size, int) or self.archive_size < 2:
@@ -99,7 +111,8 @@ class M2N2(Algorithm):
 
     def default_params(self) -> Params:
         return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6),
-                      eps=jnp.float32(0.0), warmup=jnp.int32(0), slerp_dot_threshold=jnp.float32(1.0))
+                      eps=jnp.float32(0.0), warmup=jnp.int32(0), slerp_dot_threshold=jnp.float32(1.0),
+                      magnitude_std=jnp.float32(0.0))
 
     def fitness(self, scores, competing, params: Params):
         """(F (N, M), f (N,)) of the `competing` rows of `scores` under this variant's rules."""
@@ -112,6 +125,12 @@ class M2N2(Algorithm):
         if params.capacity is not None and jnp.shape(params.capacity) != (m,):
             raise ValueError(f"Params.capacity must have shape ({m},), one per datapoint, got {jnp.shape(params.capacity)}")
         template = jax.tree.map(lambda x: x[0], seed_models)
+        if self.task_vectors:
+            if params.base is None:
+                raise ValueError("M2N2(task_vectors=True) needs Params.base, the common base model")
+            if jax.tree.structure(params.base) != jax.tree.structure(template) or any(
+                    jnp.shape(o) != x.shape for o, x in zip(jax.tree.leaves(params.base), jax.tree.leaves(template))):
+                raise ValueError("Params.base must be a model of the seeds' structure and leaf shapes")
         state = archive_lib.empty(template, self.archive_size, m)
         return self.tell(key, state, seed_models, seed_scores, params)
 
@@ -128,21 +147,33 @@ class M2N2(Algorithm):
             a, b = jax.lax.cond(state.asked < params.warmup, lambda: uniform_pair(key_parents, state.occupied),
                                 lambda: (a, b))  # a branch: no cost after warm-up (unless vmapped)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
-            groups = None if self.groups is None else leaf_groups(parent_a, self.groups)
-            sizes = group_sizes(parent_a, groups or (0,) * len(jax.tree.leaves(parent_a)))
-            shape = () if groups is None else (len(sizes),)
-            ratio = jax.random.uniform(key_ratio, shape)
-            if self.split_point:
-                split = jax.random.randint(key_split, shape, 0, jnp.asarray(sizes).reshape(shape))
-                child = split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps,
-                                          params.slerp_dot_threshold, groups)
-            else:
-                child = slerp(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold, groups)
+            if self.task_vectors:
+                parent_a, parent_b = task_vector(parent_a, params.base), task_vector(parent_b, params.base)
+            child = self.merge(key_ratio, key_split, parent_a, parent_b, params)
         else:
             child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
+            if self.task_vectors:
+                child = task_vector(child, params.base)
+        if self.task_vectors:
+            groups = leaf_groups(child, self.groups)
+            child = scale_groups(jax.random.fold_in(key_noise, 1), child, params.magnitude_std, groups)
+            child = add_task_vector(params.base, child)
         if self.mutation:
             child = gaussian_mutation(key_noise, child, params.mutation_std)
         return jax.tree.map(lambda x: x[None], child), state.replace(asked=state.asked + 1)
+
+    def merge(self, key_ratio, key_split, parent_a, parent_b, params: Params):
+        """The split-point slerp (or plain slerp) of two parents with w ~ U(0, 1) and
+        k ~ U{0, .., D - 1}, one of each per parameter group."""
+        groups = None if self.groups is None else leaf_groups(parent_a, self.groups)
+        sizes = group_sizes(parent_a, groups or (0,) * len(jax.tree.leaves(parent_a)))
+        shape = () if groups is None else (len(sizes),)
+        ratio = jax.random.uniform(key_ratio, shape)
+        if not self.split_point:
+            return slerp(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold, groups)
+        split = jax.random.randint(key_split, shape, 0, jnp.asarray(sizes).reshape(shape))
+        return split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps, params.slerp_dot_threshold,
+                                 groups)
 
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child in turn competes with the N archive models; the lowest fitness leaves."""

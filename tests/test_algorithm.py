@@ -538,3 +538,75 @@ def test_grouped_child_has_per_group_ratio_split_and_angle():
         expected = np.concatenate([np_split_point_slerp(xa[:d0], xb[:d0], float(w[0]), int(k[0])),
                                    np_split_point_slerp(xa[d0:], xb[d0:], float(w[1]), int(k[1]))])
         np.testing.assert_allclose(child, expected, atol=2e-6)
+
+
+# --- task-vector mode (our extension) -----------------------------------------------------
+
+BASE = P.init_model(jax.random.key(77))
+XB = flat(BASE)[None][0]
+
+
+def tv_state(algorithm, magnitude_std=0.0, base=BASE):
+    params = algorithm.default_params().replace(base=base, magnitude_std=jnp.float32(magnitude_std))
+    return init(algorithm, SEEDS, jnp.asarray(S_ATTR), params), params
+
+
+def test_task_vector_child_is_base_plus_the_merge_of_task_vectors():
+    """With the library's draws (ask's key layout): child = base + split-point slerp of
+    (A - base) and (B - base), NumPy float64; not the merge of the models themselves."""
+    algorithm = mj.M2N2(archive_size=N, mutation=False, task_vectors=True)
+    state, params = tv_state(algorithm)
+    F, f = np_fitness(S_ATTR)
+
+    @jax.jit
+    def draws(key):
+        k_parents, k_ratio, k_split, _ = jax.random.split(key, 4)
+        a, b = sample_parents(k_parents, F.astype(np.float32), f.astype(np.float32), np.ones(N, bool))
+        return a, b, jax.random.uniform(k_ratio), jax.random.randint(k_split, (), 0, X.shape[1])
+
+    for key in KEYS[:6]:
+        a, b, w, k = draws(key)
+        child = flat(ask(algorithm, key, state, params)[0])[0]
+        expected = XB + np_split_point_slerp(X[int(a)] - XB, X[int(b)] - XB, float(w), int(k))
+        np.testing.assert_allclose(child, expected, atol=5e-6)
+        if int(a) != int(b):
+            assert np.abs(child - np_split_point_slerp(X[int(a)], X[int(b)], float(w), int(k))).max() > 1e-2
+
+
+def test_task_vector_mode_with_a_zero_base_is_plain_m2n2_bit_for_bit():
+    zero = jax.tree.map(jnp.zeros_like, BASE)
+    tv = mj.M2N2(archive_size=N, task_vectors=True)
+    state, params = tv_state(tv, base=zero)
+    plain = mj.M2N2(archive_size=N)
+    for key in KEYS[:4]:
+        chex.assert_trees_all_equal(ask(tv, key, state, params), ask(plain, key, state, params))
+
+
+def test_magnitude_scales_each_groups_task_vector_log_normally():
+    """magnitude_std = 0.2, two layer groups: per child, (child - base) / (merge of the
+    task vectors) is one constant s_g per group, and log s_g ~ N(0, 0.2^2) over keys;
+    with magnitude_std = 0 the ratio is exactly 1."""
+    algorithm = mj.M2N2(archive_size=N, mutation=False, task_vectors=True, groups=per_layer)
+    state, params = tv_state(algorithm, 0.2)
+    _, unscaled = tv_state(algorithm, 0.0)
+    d0 = 8 * 16 + 16
+    logs = []
+    for key in KEYS[:300]:
+        scaled = flat(ask(algorithm, key, state, params)[0])[0] - XB
+        plain = flat(ask(algorithm, key, state, unscaled)[0])[0] - XB
+        for part in (slice(0, d0), slice(d0, None)):
+            big = np.abs(plain[part]) > 1e-3
+            ratio = scaled[part][big] / plain[part][big]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-3)
+            logs.append(np.log(ratio[0]))
+    logs = np.array(logs)
+    assert abs(logs.mean()) < 0.03 and abs(logs.std() - 0.2) < 0.03
+    assert np.corrcoef(logs[0::2], logs[1::2])[0, 1] < 0.2  # the two groups draw independently
+
+
+def test_task_vector_mode_needs_a_base_of_the_seeds_shape():
+    algorithm = mj.M2N2(archive_size=N, task_vectors=True)
+    with pytest.raises(ValueError, match="needs Params.base"):
+        init(algorithm, SEEDS, jnp.asarray(S_ATTR), algorithm.default_params())
+    with pytest.raises(ValueError, match="structure and leaf shapes"):
+        init(algorithm, SEEDS, jnp.asarray(S_ATTR), algorithm.default_params().replace(base=BASE[:1]))
