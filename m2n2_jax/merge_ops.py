@@ -274,12 +274,7 @@ def ties(base, models, weights, density, *, normalize=True, scale=1.0, conventio
     `convention` sets the trim count, magnitude ties, sign ties and density 0 (module
     docstring); with weights (1, 1) and "m2n2" it is the two-model TIES of M2N2 0.1.
     """
-    _choice(convention, _CONVENTIONS, "convention")
-    models = _models(models, base)
-    k = len(models)
-    w = _per_model(weights, k, "weights")
-    d = _per_model(density, k, "density")
-    s = _scalar(scale, "scale")
+    models, w, d, s = _sparse_arguments(base, models, weights, density, scale, convention)
 
     def leaf(o, *xs):
         o32 = _f32(o)
@@ -321,6 +316,14 @@ def _dare_with_masks(base, models, weights, masks, density, *, rescale="inverse"
     return _dare(base, models, weights, density, draw, rescale, sign_consensus, normalize, scale, convention)
 
 
+def _sparse_arguments(base, models, weights, density, scale, convention):
+    """(models, weights (K,), densities (K,), scale) of TIES / DARE, validated."""
+    _choice(convention, _CONVENTIONS, "convention")
+    models = _models(models, base)
+    k = len(models)
+    return models, _per_model(weights, k, "weights"), _per_model(density, k, "density"), _scalar(scale, "scale")
+
+
 def _num_models(models) -> int:
     return len(_models(models))
 
@@ -328,12 +331,8 @@ def _num_models(models) -> int:
 def _dare(base, models, weights, density, draw, rescale, sign_consensus, normalize, scale, convention):
     """DARE given draw(leaf index, model index, density_i, shape) -> keep mask."""
     _choice(rescale, _RESCALES, "rescale")
-    _choice(convention, _CONVENTIONS, "convention")
-    models = _models(models, base)
+    models, w, d, s = _sparse_arguments(base, models, weights, density, scale, convention)
     k = len(models)
-    w = _per_model(weights, k, "weights")
-    d = _per_model(density, k, "density")
-    s = _scalar(scale, "scale")
     leaves, treedef = jax.tree.flatten(base)
     model_leaves = [jax.tree.leaves(m) for m in models]
     out = []
