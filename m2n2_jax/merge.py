@@ -21,6 +21,7 @@ own ravel order: its leaves in `jax.tree.leaves` order) and its own angle Omega_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Hashable
 
@@ -39,6 +40,19 @@ def num_params(tree: PyTree) -> int:
 def leaf_path(path) -> str:
     """A leaf's key path as a string, its keys joined by "/" (e.g. "layers/0/attn/kernel")."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathPrefix:
+    """A group function: a leaf's first `depth` path keys, e.g. depth 2 on a flax model
+    groups by "params/layer_3" (one group per layer; embeddings and head their own).
+    A value (hashable, equal for equal depths), so algorithms using it share compiled
+    code."""
+
+    depth: int
+
+    def __call__(self, path: str) -> str:
+        return "/".join(path.split("/")[: self.depth])
 
 
 def leaf_groups(tree: PyTree, group_fn: GroupFn | None) -> tuple[int, ...]:

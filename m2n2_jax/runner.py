@@ -300,7 +300,7 @@ def _describe(algorithm: Algorithm) -> str:
     """repr of the algorithm with functions (e.g. M2N2.groups) named by module and
     qualified name, not by their address, which changes from process to process."""
     def name(value):
-        if callable(value) and not isinstance(value, type):
+        if callable(value) and not isinstance(value, type) and not dataclasses.is_dataclass(value):
             return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
         return repr(value)
 

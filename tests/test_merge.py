@@ -209,3 +209,15 @@ def test_antiparallel_parents_explode_under_the_paper_rule_and_not_with_the_guar
     # The guard is inactive for ordinary parents: the same child bit for bit.
     c, d = random_tree(rng), random_tree(rng)
     chex.assert_trees_all_equal(split_point_slerp(c, d, 0.3, 20, dot_threshold=0.9995), split_point_slerp(c, d, 0.3, 20))
+
+
+def test_path_prefix_groups_a_flax_transformer_by_layer():
+    from m2n2_jax.merge import PathPrefix
+    from m2n2_jax.tasks.transformer import Transformer
+
+    model = Transformer(40, 14, d_model=16, num_layers=2, num_heads=2)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 14), jnp.int32))
+    groups = leaf_groups(params, PathPrefix(2))
+    # embed, embed_pos, layer_0 (12 leaves), layer_1 (12), ln_out (2), out (2)
+    assert groups == (0, 1) + (2,) * 12 + (3,) * 12 + (4, 4, 5, 5)
+    assert PathPrefix(2) == PathPrefix(2) and hash(PathPrefix(2)) == hash(PathPrefix(2)) != hash(PathPrefix(3))

@@ -372,3 +372,4 @@ def test_checkpoint_metadata_names_functions_not_addresses():
     assert "groups=m2n2_jax.tasks.digits.layer_of" in described and "0x" not in described
     assert _describe(mj.M2N2(groups=other)) != described
     assert "0x" in repr(mj.M2N2(groups=layer_of))  # what the plain repr would have stored
+    assert "groups=PathPrefix(depth=2)" in _describe(mj.M2N2(groups=mj.PathPrefix(2)))
