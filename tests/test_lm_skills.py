@@ -12,28 +12,37 @@ import lm_models
 import lm_skills
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--batch", "16", "--pool", "300",
-        "--base-steps", "4", "--finetune-steps", "3", "--train-questions", "6", "--test-questions", "5",
-        "--runs", "2", "--forward-passes", "8", "--log-every", "4", "--no-progress"]
+        "--base-steps", "4", "--finetune-steps", "3", "--train-questions", "6", "4", "--test-questions", "5",
+        "--runs", "2", "--forward-passes", "30", "--population", "3", "--warmup", "2", "--log-every", "10",
+        "--no-progress", "--pairs", "a"]
+# One method of each kind: M2N2 (an ablation shares its programs), our task-vector mode,
+# a merge-coefficient CMA-ES and a static operator; the full list runs in the experiment.
+METHODS = ["m2n2", "m2n2-task-vectors", "cma-es-slerp", "ties"]
 
 
 def test_lm_skills_writes_the_json_contract(tmp_path):
-    argv = TINY + ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    argv = TINY + ["--methods", *METHODS, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
     record = lm_skills.main(argv)
     on_disk = json.loads((tmp_path / "out" / "lm_skills.json").read_text())
-    assert on_disk["test_exact_match"] == record["test_exact_match"]
-    assert set(lm_skills.METHODS) >= {"base", "specialist_a", "specialist_b", "linear", "slerp",
-                                      "task_arithmetic", "ties", "dare", "m2n2"}
-    assert set(record["test_exact_match"]) == set(lm_skills.METHODS)
-    for method in lm_skills.METHODS:
-        assert set(record["test_exact_match"][method]) == {"addition", "reversal"}
-        runs = record["test_exact_match_runs"][method]
+    assert on_disk["pairs"]["a"]["test_skill_mean"] == record["pairs"]["a"]["test_skill_mean"]
+    assert set(lm_skills.METHODS) == {"m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites",
+                                      "cma-es-slerp", "cma-es-task-arithmetic", "linear", "slerp",
+                                      "task_arithmetic", "ties", "dare", "m2n2-task-vectors"}
+    pair = record["pairs"]["a"]
+    assert list(pair["test_skill_mean"]) == ["base", "specialist_a", "specialist_b", *METHODS]
+    assert pair["scorers"] == {"addition": "exact_match", "reversal": "partial_credit"}
+    assert pair["train_questions"] == {"addition": 6, "reversal": 4}
+    for method, mean in pair["test_skill_mean"].items():
+        runs = pair["test_score_runs"][method]
         assert all(len(runs[s]) == 2 and all(0 <= v <= 1 for v in runs[s]) for s in ("addition", "reversal"))
-        assert record["test_exact_match"][method]["addition"] == pytest.approx(sum(runs["addition"]) / 2)
-    assert record["seeds"] == [42, 43] and record["forward_passes"] == 8
-    assert record["m2n2_seeded_operator"] in lm_skills.BASELINES
-    assert record["m2n2_curve"]["forward_passes"][-1] == 8
-    assert -1 <= record["task_vectors"]["cosine"] <= 1
-    assert (tmp_path / "out" / "lm_skills.png").stat().st_size > 1000
+        assert pair["test_score"][method]["addition"] == pytest.approx(sum(runs["addition"]) / 2)
+        assert mean == pytest.approx((pair["test_score"][method]["addition"]
+                                      + pair["test_score"][method]["reversal"]) / 2)
+    assert record["seeds"] == [42, 43] and record["forward_passes"] == 30 and record["pairs"].keys() == {"a"}
+    assert pair["curves"]["m2n2"]["forward_passes"][-1] == 30
+    assert -1 <= pair["task_vectors"]["cosine"] <= 1 and "dare" in pair["task_vectors"]
+    assert set(pair["reachability_best"]) == {"linear", "swap", "task_arithmetic"}
+    assert (tmp_path / "out" / "lm_skills_a.png").stat().st_size > 1000
 
 
 def test_models_are_cached_per_test_set(tmp_path, monkeypatch):
@@ -70,9 +79,12 @@ def test_mixture_argument_and_training_validation():
     (["--base-mixture", "copy:0"], "sum to > 0"),
     (["--base-mixture", "copy:nan"], "finite"),
     (["--runs", "0"], "--runs must be > 0"),
-    (["--forward-passes", "3"], "--forward-passes must be >= 4"),
+    (["--forward-passes", "5"], "--forward-passes must be >= 3 seeds + --population (6)"),
+    (["--methods", "m2n2", "cmaes"], "unknown --methods"),
+    (["--pairs", "z"], "unknown --methods / --pairs ['z']"),
+    (["--train-questions", "1", "2", "3"], "one or two numbers"),
     (["--archive-size", "1"], "--archive-size must be >= 2"),
-    (["--train-questions", "0"], "--train-questions must be > 0"),
+    (["--train-questions", "0"], "--train-questions must be one or two numbers > 0"),
     (["--base-lr", "nan"], "--base-lr must be > 0"),
     (["--d-model", "10", "--num-heads", "4"], "multiple of --num-heads"),
     (["--data-seed", "-1"], "--data-seed must be >= 0"),

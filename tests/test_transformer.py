@@ -116,3 +116,62 @@ def test_sequences_longer_than_max_len_are_an_error():
         greedy_decode(model, params, jnp.zeros(MAX_LEN - 1, jnp.int32), 3)
     with pytest.raises(ValueError, match="max_len"):
         model.apply(params, jnp.zeros((1, MAX_LEN + 1), jnp.int32))
+
+
+def np_partial_credit(decoded, answer, pad=0):
+    """NumPy reference, a loop over positions: a position where both hold padding is
+    skipped, every other one counts, and is right where the tokens agree; nothing
+    counted is an exact (empty) answer."""
+    right = total = 0
+    for x, y in zip(decoded, answer):
+        if x == pad and y == pad:
+            continue
+        total += 1
+        right += int(x == y)
+    return right / total if total else 1.0
+
+
+def test_partial_credit_matches_numpy_on_chosen_and_random_cases():
+    from m2n2_jax.tasks.transformer import exact_match, partial_credit
+
+    cases = [  # (decoded, answer, credit)
+        ([6, 5, 4, 3, 2, 1], [6, 5, 4, 3, 2, 1], 1.0),  # exact
+        ([0, 0, 0, 0, 0, 0], [6, 5, 4, 3, 2, 1], 0.0),  # empty output
+        ([9, 9, 9, 9, 9, 9], [6, 5, 4, 0, 0, 0], 0.0),  # garbage, longer than the answer
+        ([6, 5, 4, 3, 1, 2], [6, 5, 4, 3, 2, 1], 4 / 6),
+        ([6, 5, 4, 0, 0, 0], [6, 5, 4, 3, 2, 1], 3 / 6),  # too short
+        ([6, 5, 4, 3, 7, 0], [6, 5, 4, 3, 0, 0], 4 / 5),  # one extra character
+        ([6, 0, 4, 0, 0, 0], [6, 5, 4, 0, 0, 0], 2 / 3),  # a pad inside the output is wrong
+        ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], 1.0),  # both empty: exact
+    ]
+    decoded, answers, credit = map(np.asarray, zip(*cases))
+    got = np.asarray(jax.jit(partial_credit)(jnp.asarray(decoded), jnp.asarray(answers)))
+    np.testing.assert_allclose(got, credit, rtol=1e-6)
+    rng = np.random.default_rng(0)  # random strings, some agreeing with the answer
+    answers = rng.integers(1, 5, (300, 6)) * (np.arange(6) < rng.integers(0, 7, (300, 1)))
+    decoded = np.where(rng.random((300, 6)) < 0.6, answers, rng.integers(0, 5, (300, 6)))
+    got = np.asarray(partial_credit(jnp.asarray(decoded), jnp.asarray(answers)))
+    np.testing.assert_allclose(got, [np_partial_credit(d, a) for d, a in zip(decoded, answers)], rtol=1e-6)
+    exact = np.asarray(exact_match(jnp.asarray(decoded), jnp.asarray(answers)))
+    assert np.all((got == 1) == (exact == 1)) and 0 < exact.mean() < 1 and np.all((got >= 0) & (got <= 1))
+
+
+def test_partial_credit_and_mixed_scores_decode_greedily():
+    from m2n2_jax.tasks.transformer import mixed_scores, partial_credit_scores, per_skill_batch
+
+    model, params = random_model(2, scale=0.5)
+    prompts = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, size=(6, 5)))
+    decoded = np.asarray(jax.jit(jax.vmap(lambda q: greedy_decode(model, params, q, 4)))(prompts))
+    answers = decoded.copy()
+    answers[1, 2] = (answers[1, 2] + 1) % VOCAB  # one token wrong
+    answers[3] = (answers[3] + 1) % VOCAB  # all wrong
+    answers[4, 1:] = 0  # the answer is the first token (the output may go on)
+    expected = [np_partial_credit(d, a) for d, a in zip(decoded, answers)]
+    np.testing.assert_allclose(jax.jit(partial_credit_scores(model))(params, (prompts, jnp.asarray(answers))),
+                               expected, rtol=1e-6)
+    exact = np.all(decoded == answers, axis=1).astype(np.float32)
+    data = {"addition": (prompts[:3], answers[:3]), "reversal": (prompts[3:], answers[3:])}
+    batch = per_skill_batch(data, {"addition": "exact_match", "reversal": "partial_credit"})
+    np.testing.assert_allclose(jax.jit(mixed_scores(model))(params, batch), np.r_[exact[:3], expected[3:]], rtol=1e-6)
+    with pytest.raises(ValueError, match="scorer"):
+        per_skill_batch(data, {"addition": "exact_match", "reversal": "bleu"})

@@ -12,6 +12,11 @@ Shapes are static: prompts are left-padded to PROMPT_LEN and answers right-padde
 ANSWER_LEN with the pad character "_" (token 0), so every question ends at the same
 position and exact match compares all ANSWER_LEN answer tokens, padding included.
 Everything is generated locally from a NumPy Generator.
+
+SCORERS names each skill's default score (`m2n2_jax.tasks.transformer.SCORERS`):
+addition by exact match (0/1 per question, as GSM8K), the letter tasks by partial
+credit (the share of the answer's characters right, a continuous reward in [0, 1] as
+WebShop's).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ PAD = 0
 PROMPT_LEN = 9
 ANSWER_LEN = 6
 SKILLS = ("addition", "reversal", "shift", "copy")
+SCORERS = {"addition": "exact_match", "reversal": "partial_credit", "shift": "partial_credit", "copy": "partial_credit"}
 _INDEX = {c: i for i, c in enumerate(VOCAB)}
 
 

@@ -9,7 +9,9 @@ at index 0, and a decoding step is the call with one token.
 
 `greedy_decode` emits a fixed number of tokens with a `lax.scan` (static shapes, so a
 batch of questions is a `vmap` and the whole decoder one jitted function);
-`exact_match_scores` turns it into the `score_fn` of `m2n2_jax.run`.
+`exact_match_scores` (1 for the whole answer, else 0) and `partial_credit_scores` (the
+share of the answer's characters right, in [0, 1]) turn it into the `score_fn` of
+`m2n2_jax.run`, and `mixed_scores` picks one of the two per question (per skill).
 """
 
 from __future__ import annotations
@@ -123,19 +125,93 @@ def greedy_decode(model: Transformer, params, prompt: jax.Array, answer_len: int
     return jnp.concatenate([tokens, last[None]])
 
 
+def exact_match(decoded: jax.Array, answers: jax.Array) -> jax.Array:
+    """(M,) float32: 1.0 where decoded (M, A) equals answers (M, A) at every position,
+    padding included, else 0.0."""
+    return jnp.all(decoded == answers, axis=-1).astype(jnp.float32)
+
+
+def partial_credit(decoded: jax.Array, answers: jax.Array, pad: int = 0) -> jax.Array:
+    """(M,) float32 in [0, 1]: the share of the answer's characters right, position by
+    position, a continuous reward like WebShop's.
+
+    The positions that count are those where the decoded tokens or the answer hold a
+    character (not `pad`); positions where both hold padding are left out:
+
+        credit = #{i counted : decoded[i] == answers[i]} / #{i counted}
+
+    so a missing character (padding where the answer has one) and an extra one
+    (a character where the answer is padded) are both wrong. The credit is 1 exactly
+    where `exact_match` is 1 (an all-padding answer decoded as all padding counts as
+    1), and 0 for an empty (all-padding) or entirely wrong output. E.g. answer "fedcba"
+    decoded as "fedcab" earns 4/6, "fed" 3/6, "fedcbax" 6/7, "" 0.
+    """
+    counted = (decoded != pad) | (answers != pad)
+    right = jnp.sum(counted & (decoded == answers), axis=-1)
+    total = jnp.sum(counted, axis=-1)
+    return jnp.where(total > 0, right / jnp.maximum(total, 1), 1.0).astype(jnp.float32)
+
+
+# Token-level scorers by name: scorer(decoded (M, A), answers (M, A)) -> (M,) in [0, 1].
+SCORERS = {"exact_match": exact_match, "partial_credit": partial_credit}
+
+
+def decoded_scores(model: Transformer, scorer: str | Callable = "exact_match") -> Callable:
+    """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32: `scorer` (a
+    name of SCORERS or a function of (decoded, answers)) applied to the greedy
+    decoding of each prompt (`answers.shape[1]` tokens); the decoder is vmapped over
+    the M questions."""
+    score = SCORERS[scorer] if isinstance(scorer, str) else scorer
+
+    def score_fn(params, batch):
+        prompts, answers = batch
+        decoded = jax.vmap(lambda q: greedy_decode(model, params, q, answers.shape[1]))(prompts)
+        return score(decoded, answers)
+
+    return score_fn
+
+
 def exact_match_scores(model: Transformer) -> Callable:
     """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32 exact match.
 
     1.0 where the greedy decoding of a prompt equals its whole answer (padding
     included), else 0.0; the decoder is vmapped over the M questions.
     """
+    return decoded_scores(model, exact_match)
+
+
+def partial_credit_scores(model: Transformer) -> Callable:
+    """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32 in [0, 1]:
+    the `partial_credit` of each prompt's greedy decoding (1 exactly where it is an
+    exact match)."""
+    return decoded_scores(model, partial_credit)
+
+
+def mixed_scores(model: Transformer) -> Callable:
+    """score_fn(params, (prompts (M, P), answers (M, A), partial (M,) bool)) -> (M,):
+    a scorer chosen per question, `partial_credit` where `partial` else `exact_match`,
+    from one decoding. For data that mixes skills scored differently (addition by exact
+    match, reversal by partial credit: `per_skill_batch`)."""
 
     def score_fn(params, batch):
-        prompts, answers = batch
+        prompts, answers, partial = batch
         decoded = jax.vmap(lambda q: greedy_decode(model, params, q, answers.shape[1]))(prompts)
-        return jnp.all(decoded == answers, axis=-1).astype(jnp.float32)
+        return jnp.where(partial, partial_credit(decoded, answers), exact_match(decoded, answers))
 
     return score_fn
+
+
+def per_skill_batch(data: dict, scorers: dict) -> tuple:
+    """The batch of `mixed_scores` from data[skill] = (prompts, answers) and
+    scorers[skill] = "exact_match" or "partial_credit": the skills' questions
+    concatenated in the order of `data`."""
+    for skill in data:
+        if scorers.get(skill) not in SCORERS:
+            raise ValueError(f"scorer {scorers.get(skill)!r} for {skill!r}: choose one of {tuple(SCORERS)}")
+    prompts = jnp.concatenate([jnp.asarray(p) for p, _ in data.values()])
+    answers = jnp.concatenate([jnp.asarray(a) for _, a in data.values()])
+    partial = jnp.concatenate([jnp.full(len(p), scorers[s] == "partial_credit") for s, (p, _) in data.items()])
+    return prompts, answers, partial
 
 
 def sequence_loss(model: Transformer, params, prompts: jax.Array, answers: jax.Array) -> jax.Array:

@@ -1,0 +1,151 @@
+"""The paper's LLM protocol on one specialist pair (SPEC.md, "For real models"), for
+experiments/lm_skills.py.
+
+Two skills, one scored 0/1 per question (addition, exact match, as GSM8K) and one with
+a continuous reward (reversal, partial credit, as WebShop), unequal small training
+sets and larger test sets. Every evolutionary method gets `forward_passes`
+evaluations per run on the training questions (the seeds included), no mutation:
+
+- m2n2, m2n2-no-attraction, m2n2-no-splitpoint, ga: archive `archive_size` (paper 15)
+  started from the two specialists, a warm-up of `warmup` random merges (paper <= 50),
+  capacity "max" (the paper's rule for continuous scores; 1 on 0/1 questions);
+- map-elites: a 4 x 4 grid over the two skills' training scores;
+- cma-es-slerp: CMA-ES over one slerp ratio per layer unit between the specialists
+  (the paper's baseline; population `population`);
+- cma-es-task-arithmetic: CMA-ES over one task-arithmetic weight per specialist and
+  layer unit on the base (mergekit-evolve's recipe);
+- m2n2-task-vectors: our extension, M2N2 on the task vectors with a per-unit
+  log-normal magnitude (`magnitude_std`), outside the paper's comparison;
+- linear, slerp, task_arithmetic, ties, dare: the static operators with the grid point
+  that scores best on the training questions (a reference outside the comparison).
+
+A method's score is the mean over runs of the mean of the two skills' test scores of
+the model it returns (the best-train model for the evolutionary ones).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import harness
+import lm_analysis
+import lm_operators
+import m2n2_jax as mj
+from lm_models import load_or_train, make_model
+from m2n2_jax.tasks import skills
+from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
+
+PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "cma-es-slerp")
+EVOLUTIONARY = PAPER + ("cma-es-task-arithmetic", "m2n2-task-vectors")
+OPERATORS = tuple(lm_operators.BASELINES)
+SEEDS = ("base", "specialist_a", "specialist_b")
+METHODS = EVOLUTIONARY + OPERATORS
+M2N2_SWITCHES = {"m2n2": ({}, 1.0), "m2n2-no-attraction": ({"attraction": False}, 1.0),
+                 "m2n2-no-splitpoint": ({"split_point": False}, 1.0), "ga": ({"attraction": False}, 0.0)}
+
+
+def algorithm(name: str, models: dict, skill_of_point, spec):
+    """(algorithm, params, seed models) of an evolutionary method."""
+    pair = [models["specialist_a"], models["specialist_b"]]
+    if name in M2N2_SWITCHES or name == "m2n2-task-vectors":
+        switches, alpha = M2N2_SWITCHES.get(name, ({}, 1.0))
+        tv = name == "m2n2-task-vectors"
+        algo = mj.M2N2(archive_size=spec.archive_size, mutation=False, capacity_rule="max", task_vectors=tv,
+                       groups=lm_analysis.transformer_unit if tv else None, **switches)
+        params = algo.default_params().replace(alpha=jnp.float32(alpha), warmup=jnp.int32(spec.warmup))
+        if tv:
+            params = params.replace(base=models["base"], magnitude_std=jnp.float32(spec.magnitude_std))
+        return algo, params, pair
+    if name == "map-elites":
+        algo = mj.MapElites(bins=(4, 4), mutation=False)
+        return algo, algo.default_params().replace(descriptor=mj.group_descriptor(skill_of_point)), pair
+    from evosax.algorithms import CMA_ES
+
+    recipe, seeds = {"cma-es-slerp": ("slerp", pair), "cma-es-task-arithmetic": ("task_arithmetic",
+                                                                                  [models["base"], *pair])}[name]
+    algo = mj.MergeES.for_model(CMA_ES, recipe, models["base"], lm_analysis.transformer_unit, len(seeds) - 1,
+                                spec.population)
+    params = algo.default_params()
+    return algo, params.replace(es=params.es.replace(std_init=jnp.float32(spec.std_init))), seeds
+
+
+def run_pair(pair: str, training, spec, log=print) -> dict:
+    """Every method on one pair: the record of `pairs[pair]` in lm_skills.json."""
+    t0 = time.perf_counter()
+    names = training.specialists
+    train, test, test_prompts = lm_analysis.skill_sets(names, spec.train_questions, spec.test_questions,
+                                                       spec.data_seed)
+    trained = load_or_train(training, test_prompts, spec.cache, log=log)
+    models = {"base": trained["base"], "specialist_a": trained[names[0]], "specialist_b": trained[names[1]]}
+    model = make_model(training)
+    evaluate = lm_analysis.skill_evaluator(model, train, test)
+    scorers = {s: skills.SCORERS[s] for s in names}
+    train_batch, test_batch = per_skill_batch(train, scorers), per_skill_batch(test, scorers)
+    skill_of_point = np.concatenate([np.full(len(train[s][0]), i) for i, s in enumerate(names)])
+    score_fn = mixed_scores(model)
+    keys = harness.run_keys(spec.seed, spec.runs)
+    t_trained = time.perf_counter()
+
+    per_run, train_scores, wall, curves, coefficients = {}, {}, {}, {}, {}
+    for name in SEEDS:
+        scores = evaluate(models[name])
+        per_run[name], train_scores[name] = [scores["test"]] * spec.runs, scores["train"]
+    own = lambda i: (lambda params: evaluate(params)["test"][names[i]])
+    stats = lm_analysis.task_vector_stats(models["base"], models["specialist_a"], models["specialist_b"], own(0),
+                                          own(1), unit=lm_analysis.transformer_unit)
+    reach = lm_analysis.reachability(models["base"], models["specialist_a"], models["specialist_b"], evaluate)
+    t_analysis = time.perf_counter()
+    log(f"pair {pair}: task vectors {stats['norm_over_base_norm']}, cosine {stats['cosine']:.3f}; "
+        f"reachable {lm_analysis.reachability_summary(reach)}")
+
+    skill_mean = lambda params, _data: float(np.mean(list(evaluate(params)["train"].values())))
+    for name in spec.methods:
+        t = time.perf_counter()
+        if name in OPERATORS:
+            merge_keys = [jax.random.fold_in(k, 1) for k in (keys if name == "dare" else keys[:1])]
+            found = lm_operators.best_merges(name, models, skill_mean, None, merge_keys)
+            found = found * (spec.runs // len(found))
+            scores = [evaluate(f[0]) for f in found]
+            coefficients[name] = [f[1] for f in found]
+        else:
+            algo, params, seeds = algorithm(name, models, skill_of_point, spec)
+            result = mj.run(algo, keys, score_fn, train_batch, spec.forward_passes, params=params,
+                            seed_models=seeds, test_data=test_batch, log_every=spec.log_every,
+                            progress=not spec.no_progress)
+            scores = [evaluate(jax.tree.map(lambda x: x[r], result.best_params)) for r in range(spec.runs)]
+            curves[name] = {"forward_passes": result.passes.tolist(),
+                            "test_score_mean": result.test_accuracy.mean(0).tolist(),
+                            "train_score_mean": result.train_accuracy.mean(0).tolist()}
+        per_run[name] = [s["test"] for s in scores]
+        train_scores[name] = {k: float(np.mean([s["train"][k] for s in scores])) for k in names}
+        wall[name] = time.perf_counter() - t
+        mean = np.mean([np.mean(list(s["test"].values())) for s in scores])
+        log(f"pair {pair} {name}: test mean of skills {100 * mean:.1f} % ({wall[name]:.0f} s)")
+
+    reported = (*SEEDS, *spec.methods)
+    runs, means, stderr = lm_analysis.summary(per_run, reported, names)
+    return {
+        "skills": list(names),
+        "scorers": scorers,
+        "test_skill_mean": {m: means[m]["mean"] for m in reported},
+        "test_skill_mean_stderr": {m: stderr[m]["mean"] for m in reported},
+        "test_score": {m: {s: means[m][s] for s in names} for m in reported},
+        "test_score_stderr": {m: {s: stderr[m][s] for s in names} for m in reported},
+        "test_score_runs": runs,
+        "train_score": train_scores,
+        "coefficients": coefficients,
+        "curves": curves,
+        "task_vectors": stats,
+        "reachability": reach,
+        "reachability_best": lm_analysis.reachability_summary(reach),
+        "training": {"cache": training.tag(), **{k: v for k, v in vars(training).items()}},
+        "num_params": mj.num_params(models["base"]),
+        "train_questions": dict(zip(names, spec.train_questions)),
+        "test_questions_per_skill": spec.test_questions,
+        "wall_seconds": {"training_or_cache": t_trained - t0, "analysis": t_analysis - t_trained, **wall,
+                         "total": time.perf_counter() - t0},
+    }

@@ -1,0 +1,121 @@
+"""The fine-tuning recipes tried for specialist pair (b) (docs/lm_pairs.md), measured.
+
+    python experiments/results/lm_skills/explorations/pair_b_attempts.py ATTEMPT [ATTEMPT ...] [--reach]
+
+For each attempt (a name of ATTEMPTS; "a" is pair (a)'s recipe): trains the base and the
+two specialists (or loads them from experiments/cache), then records in
+pair_b_attempts.json beside this file, under the attempt's name: its settings, the
+training log (with times; empty when the models came from the cache), the base's and
+each specialist's test scores per skill (addition exact match, reversal partial
+credit, and reversal exact match), and `lm_analysis.task_vector_stats` (norms, cosine,
+DARE robustness on the own skill's test questions, 3 mask draws); with --parts also
+`lm_analysis.dare_by_part` (DARE on one part of the model at a time); with --reach also
+`lm_analysis.reachability` (200 addition and 50 reversal training questions, 500 test
+questions per skill, as `lm_analysis.skill_sets` draws them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))  # experiments/
+
+import harness  # noqa: E402
+
+harness.use_cpu_devices()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+import lm_analysis  # noqa: E402
+import lm_models  # noqa: E402
+from m2n2_jax.tasks import skills  # noqa: E402
+from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
+
+OUT = os.path.join(HERE, "pair_b_attempts.json")
+NAMES = ("addition", "reversal")
+BLOCKS = r"layer_|ln_out|params/out/"  # every parameter but the token and position embeddings
+# name -> (Training keyword arguments, what the attempt tries)
+ATTEMPTS = {
+    "a": ({}, "pair (a): full fine-tuning, 1000 steps at lr 3e-4, replay of the base's mixture"),
+    "lr1e-4": ({"finetune_lr": 1e-4}, "pair (a)'s base; full fine-tuning at lr 1e-4"),
+    "lr3e-5_3000": ({"finetune_lr": 3e-5, "finetune_steps": 3000}, "pair (a)'s base; lr 3e-5, 3000 steps"),
+    "mix5_lr1e-4": ({"base_mixture": (("copy", 0.4), ("addition_short", 0.25), ("reversal_short", 0.25),
+                                       ("addition", 0.05), ("reversal", 0.05)), "finetune_lr": 1e-4},
+                    "a base that has seen a little of the full skills (5 % each in pre-training); lr 1e-4"),
+    "wd10": ({"finetune_weight_decay": 10.0}, "pair (a)'s recipe with AdamW decay 10 of the delta (toward the base)"),
+    "wd30": ({"finetune_weight_decay": 30.0}, "pair (a)'s recipe with AdamW decay 30 of the delta (toward the base)"),
+    "lora4": ({"finetune_rank": 4, "finetune_lr": 1e-3}, "pair (a)'s base; rank-4 deltas of the blocks' kernels, lr 1e-3"),
+    "frozen_embeddings": ({"finetune_params": (BLOCKS, BLOCKS)},
+                          "pair (a)'s recipe with the token and position embeddings frozen (no learned "
+                          "positions change, as in a RoPE model)"),
+    "mlp_vs_attn": ({"finetune_params": ("mlp", "attn")},
+                    "pair (a)'s recipe, but the addition specialist fine-tunes only the MLPs, the reversal "
+                    "specialist only the attention layers"),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("attempts", nargs="+", choices=list(ATTEMPTS))
+    p.add_argument("--reach", action="store_true", help="also measure the reachable models")
+    p.add_argument("--parts", action="store_true", help="also DARE each part of the model alone (dare_by_part)")
+    p.add_argument("--train-sizes", type=int, nargs=2, default=(200, 50))
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--draws", type=int, default=3)
+    args = p.parse_args(argv)
+    train, test, exclude = lm_analysis.skill_sets(NAMES, tuple(args.train_sizes), args.test_size)
+    for name in args.attempts:
+        kwargs, note = ATTEMPTS[name]
+        t = lm_models.Training(**kwargs)
+        logs = []
+        t0 = time.perf_counter()
+        trained = lm_models.load_or_train(t, exclude, log=lambda m: (print(m, flush=True), logs.append(m)))
+        t_train = time.perf_counter() - t0
+        models = {"base": trained["base"], "a": trained[NAMES[0]], "b": trained[NAMES[1]]}
+        model = lm_models.make_model(t)
+        evaluate = lm_analysis.skill_evaluator(model, train, test)
+        exact = jax.jit(lambda params, data, f=decoded_scores(model, "exact_match"): f(params, data).mean())
+        scores = {}
+        for m, params in models.items():
+            scores[m] = evaluate(params)["test"]
+            scores[m]["reversal_exact_match"] = float(exact(params, test["reversal"]))
+            print(name, m, {k: round(v, 4) for k, v in scores[m].items()}, flush=True)
+        own_fns = {s: jax.jit(lambda params, data, f=decoded_scores(model, skills.SCORERS[s]): f(params, data).mean())
+                   for s in NAMES}
+        own = lambda skill: (lambda params: float(own_fns[skill](params, test[skill])))
+        t1 = time.perf_counter()
+        stats = lm_analysis.task_vector_stats(models["base"], models["a"], models["b"], own(NAMES[0]), own(NAMES[1]),
+                                              key=jax.random.key(0), draws=args.draws,
+                                              unit=lm_analysis.transformer_unit)
+        print(name, json.dumps(stats), f"{time.perf_counter() - t1:.0f} s", flush=True)
+        record = {"note": note, "training": {**dataclasses.asdict(t), "cache": t.tag()}, "training_log": logs,
+                  "load_or_train_seconds": t_train, "test_scores": scores, "task_vector_stats": stats,
+                  "train_sizes": list(args.train_sizes), "test_size": args.test_size}
+        if args.parts:
+            record["dare_by_part"] = {m: lm_analysis.dare_by_part(models["base"], models[m], own(skill),
+                                                                  key=jax.random.key(0), draws=args.draws)
+                                      for m, skill in (("a", NAMES[0]), ("b", NAMES[1]))}
+            print(name, json.dumps(record["dare_by_part"]), flush=True)
+        if args.reach:
+            t1 = time.perf_counter()
+            reach = lm_analysis.reachability(models["base"], models["a"], models["b"], evaluate)
+            record["reachability"] = reach
+            record["reachability_summary"] = lm_analysis.reachability_summary(reach)
+            record["reachability_seconds"] = time.perf_counter() - t1
+            print(name, json.dumps(record["reachability_summary"]), flush=True)
+        attempts = json.load(open(OUT))["attempts"] if os.path.exists(OUT) else {}
+        attempts[name] = record
+        harness.write_json(OUT, {"experiment": "lm_pairs: fine-tuning recipes for specialist pair (b)",
+                                 "command": "python experiments/results/lm_skills/explorations/pair_b_attempts.py "
+                                            "ATTEMPT [--reach]", "attempts": attempts})
+
+
+if __name__ == "__main__":
+    main()
