@@ -159,8 +159,9 @@ def finetune_delta(model, base, data, steps: int, learning_rate: float, batch: i
     return params_of(delta), losses
 
 
-def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
-    """{"base", specialist skill, ...} params, from the orbax cache or trained and cached.
+def load_or_train(t: Training, exclude, cache: str = CACHE, log=print, base_only: bool = False) -> dict:
+    """{"base", specialist skill, ...} params, from the orbax cache or trained and cached
+    ({"base"} alone if `base_only`).
 
     `exclude`: prompts (the test questions) that no training question may use; the cache
     is kept per exclusion set, so models never reach a test set their data overlapped.
@@ -197,6 +198,8 @@ def load_or_train(t: Training, exclude, cache: str = CACHE, log=print) -> dict:
 
     # The base is cached on its own, so that other fine-tuning settings reuse it.
     base = harness.cached(os.path.join(cache, t.base_tag()), {"base": template}, pretrain)["base"]
+    if base_only:
+        return {"base": base}
     return {"base": base,
             **harness.cached(os.path.join(cache, t.tag()), {s: template for s in t.specialists}, finetune)}
 

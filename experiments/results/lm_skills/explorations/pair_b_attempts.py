@@ -40,6 +40,7 @@ from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
 
 OUT = os.path.join(HERE, "pair_b_attempts.json")
 NAMES = ("addition", "reversal")
+ADD10 = (("copy", 0.35), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.1))
 BLOCKS = r"layer_|ln_out|params/out/"  # every parameter but the token and position embeddings
 # name -> (Training keyword arguments, what the attempt tries)
 ATTEMPTS = {
@@ -49,6 +50,15 @@ ATTEMPTS = {
     "mix5_lr1e-4": ({"base_mixture": (("copy", 0.4), ("addition_short", 0.25), ("reversal_short", 0.25),
                                        ("addition", 0.05), ("reversal", 0.05)), "finetune_lr": 1e-4},
                     "a base that has seen a little of the full skills (5 % each in pre-training); lr 1e-4"),
+    "add10": ({"base_mixture": ADD10,
+               "finetune_replay": (("copy", 0.175), ("addition_short", 0.125), ("reversal_short", 0.15), ("addition", 0.05)),
+               "finetune_lr": 1e-4},
+              "a base that has seen some 3-digit addition (10 % of pre-training), replayed at half its share; lr 1e-4"),
+    "add10_short_replay": ({"base_mixture": ADD10, "finetune_lr": 1e-4},
+                           "add10's base; replay of copy and the short forms only (pair (a)'s replay), lr 1e-4"),
+    "add7": ({"base_mixture": (("copy", 0.38), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.07)),
+              "finetune_lr": 1e-4},
+             "a base that has seen less 3-digit addition (7 % of pre-training); pair (a)'s replay, lr 1e-4"),
     "wd10": ({"finetune_weight_decay": 10.0}, "pair (a)'s recipe with AdamW decay 10 of the delta (toward the base)"),
     "wd30": ({"finetune_weight_decay": 30.0}, "pair (a)'s recipe with AdamW decay 30 of the delta (toward the base)"),
     "lora4": ({"finetune_rank": 4, "finetune_lr": 1e-3}, "pair (a)'s base; rank-4 deltas of the blocks' kernels, lr 1e-3"),
@@ -69,6 +79,7 @@ def main(argv=None):
     p.add_argument("--train-sizes", type=int, nargs=2, default=(200, 50))
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--base-only", action="store_true", help="train and score the base only (screening a base)")
     args = p.parse_args(argv)
     train, test, exclude = lm_analysis.skill_sets(NAMES, tuple(args.train_sizes), args.test_size)
     for name in args.attempts:
@@ -76,8 +87,17 @@ def main(argv=None):
         t = lm_models.Training(**kwargs)
         logs = []
         t0 = time.perf_counter()
-        trained = lm_models.load_or_train(t, exclude, log=lambda m: (print(m, flush=True), logs.append(m)))
+        trained = lm_models.load_or_train(t, exclude, log=lambda m: (print(m, flush=True), logs.append(m)),
+                                          base_only=args.base_only)
         t_train = time.perf_counter() - t0
+        if args.base_only:
+            model = lm_models.make_model(t)
+            scores = lm_analysis.skill_evaluator(model, train, test)(trained["base"])["test"]
+            print(name, "base", scores, flush=True)
+            save(name + " (base only)", {"note": note, "training": {**dataclasses.asdict(t), "base_cache": t.base_tag()},
+                                         "training_log": logs, "load_or_train_seconds": t_train,
+                                         "test_scores": {"base": scores}, "test_size": args.test_size})
+            continue
         models = {"base": trained["base"], "a": trained[NAMES[0]], "b": trained[NAMES[1]]}
         model = lm_models.make_model(t)
         evaluate = lm_analysis.skill_evaluator(model, train, test)
@@ -110,11 +130,16 @@ def main(argv=None):
             record["reachability_summary"] = lm_analysis.reachability_summary(reach)
             record["reachability_seconds"] = time.perf_counter() - t1
             print(name, json.dumps(record["reachability_summary"]), flush=True)
-        attempts = json.load(open(OUT))["attempts"] if os.path.exists(OUT) else {}
-        attempts[name] = record
-        harness.write_json(OUT, {"experiment": "lm_pairs: fine-tuning recipes for specialist pair (b)",
-                                 "command": "python experiments/results/lm_skills/explorations/pair_b_attempts.py "
-                                            "ATTEMPT [--reach]", "attempts": attempts})
+        save(name, record)
+
+
+def save(name: str, record: dict) -> None:
+    """Add or replace attempt `name` in pair_b_attempts.json."""
+    attempts = json.load(open(OUT))["attempts"] if os.path.exists(OUT) else {}
+    attempts[name] = record
+    harness.write_json(OUT, {"experiment": "lm_pairs: fine-tuning recipes for specialist pair (b)",
+                             "command": "python experiments/results/lm_skills/explorations/pair_b_attempts.py "
+                                        "ATTEMPT [--parts] [--reach] [--base-only]", "attempts": attempts})
 
 
 if __name__ == "__main__":
