@@ -15,7 +15,6 @@ Measurements of a specialist pair before any method runs (docs/lm_pairs.md):
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import re

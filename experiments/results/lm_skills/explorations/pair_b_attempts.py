@@ -41,27 +41,36 @@ from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
 OUT = os.path.join(HERE, "pair_b_attempts.json")
 NAMES = ("addition", "reversal")
 ADD10 = (("copy", 0.35), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.1))
+ADD7 = (("copy", 0.38), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.07))
 BLOCKS = r"layer_|ln_out|params/out/"  # every parameter but the token and position embeddings
 # name -> (Training keyword arguments, what the attempt tries)
 ATTEMPTS = {
-    "a": ({}, "pair (a): full fine-tuning, 1000 steps at lr 3e-4, replay of the base's mixture"),
+    "a": ({}, "pair (a) (lm_models.PAIRS['a']): full fine-tuning, 1000 steps at lr 3e-4, replay of copy and the "
+              "short forms"),
     "lr1e-4": ({"finetune_lr": 1e-4}, "pair (a)'s base; full fine-tuning at lr 1e-4"),
-    "lr3e-5_3000": ({"finetune_lr": 3e-5, "finetune_steps": 3000}, "pair (a)'s base; lr 3e-5, 3000 steps"),
     "mix5_lr1e-4": ({"base_mixture": (("copy", 0.4), ("addition_short", 0.25), ("reversal_short", 0.25),
                                        ("addition", 0.05), ("reversal", 0.05)), "finetune_lr": 1e-4},
                     "a base that has seen a little of the full skills (5 % each in pre-training); lr 1e-4"),
     "add10": ({"base_mixture": ADD10,
-               "finetune_replay": (("copy", 0.175), ("addition_short", 0.125), ("reversal_short", 0.15), ("addition", 0.05)),
+               "finetune_replay": (("copy", 0.175), ("addition_short", 0.125), ("reversal_short", 0.15),
+                                   ("addition", 0.05)),
                "finetune_lr": 1e-4},
               "a base that has seen some 3-digit addition (10 % of pre-training), replayed at half its share; lr 1e-4"),
     "add10_short_replay": ({"base_mixture": ADD10, "finetune_lr": 1e-4},
-                           "add10's base; replay of copy and the short forms only (pair (a)'s replay), lr 1e-4"),
-    "add7": ({"base_mixture": (("copy", 0.38), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.07)),
+                           "pair (b) (lm_models.PAIRS['b']): add10's base; replay of copy and the short forms only "
+                           "(pair (a)'s replay), lr 1e-4"),
+    "add7": ({"base_mixture": ADD7,
               "finetune_lr": 1e-4},
              "a base that has seen less 3-digit addition (7 % of pre-training); pair (a)'s replay, lr 1e-4"),
+    "add10_replay2": ({"base_mixture": ADD10, "finetune_lr": 1e-4,
+                       "finetune_replay": (("copy", 0.2), ("addition_short", 0.13), ("reversal_short", 0.15),
+                                           ("addition", 0.02))},
+                      "add10's base; pair (a)'s replay with 2 % of 3-digit addition in place of 2 % of the short "
+                      "additions, lr 1e-4"),
+    "add7_lr3e-4": ({"base_mixture": ADD7}, "add7's base, fine-tuned as pair (a) (lr 3e-4)"),
     "wd10": ({"finetune_weight_decay": 10.0}, "pair (a)'s recipe with AdamW decay 10 of the delta (toward the base)"),
-    "wd30": ({"finetune_weight_decay": 30.0}, "pair (a)'s recipe with AdamW decay 30 of the delta (toward the base)"),
-    "lora4": ({"finetune_rank": 4, "finetune_lr": 1e-3}, "pair (a)'s base; rank-4 deltas of the blocks' kernels, lr 1e-3"),
+    "lora4": ({"finetune_rank": 4, "finetune_lr": 1e-3},
+              "pair (a)'s base; rank-4 deltas of the blocks' kernels, lr 1e-3"),
     "frozen_embeddings": ({"finetune_params": (BLOCKS, BLOCKS)},
                           "pair (a)'s recipe with the token and position embeddings frozen (no learned "
                           "positions change, as in a RoPE model)"),
@@ -69,6 +78,11 @@ ATTEMPTS = {
                     "pair (a)'s recipe, but the addition specialist fine-tunes only the MLPs, the reversal "
                     "specialist only the attention layers"),
 }
+
+
+assert lm_models.Training(**ATTEMPTS["a"][0]) == lm_models.PAIRS["a"]
+assert lm_models.Training(**ATTEMPTS["add10_short_replay"][0]) == lm_models.PAIRS["b"]
+BASE_FIELDS = ("d_model", "num_layers", "num_heads", "batch", "base_steps", "base_lr", "base_mixture", "pool", "seed")
 
 
 def main(argv=None):
@@ -94,7 +108,8 @@ def main(argv=None):
             model = lm_models.make_model(t)
             scores = lm_analysis.skill_evaluator(model, train, test)(trained["base"])["test"]
             print(name, "base", scores, flush=True)
-            save(name + " (base only)", {"note": note, "training": {**dataclasses.asdict(t), "base_cache": t.base_tag()},
+            base_training = {**{f: getattr(t, f) for f in BASE_FIELDS}, "cache": t.base_tag()}
+            save(name + " (base only)", {"note": f"the base of {name}", "base_training": base_training,
                                          "training_log": logs, "load_or_train_seconds": t_train,
                                          "test_scores": {"base": scores}, "test_size": args.test_size})
             continue
