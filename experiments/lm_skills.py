@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import harness
 
-harness.use_cpu_devices()
+harness.use_cpu_devices(single_threaded_ops=True)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -93,7 +93,9 @@ class Spec:
     std_init: float = flag(0.2, "CMA-ES initial step size over the merge coefficients", POSITIVE)
     magnitude_std: float = flag(0.05, "m2n2-task-vectors: std of the log of each child's per-unit magnitude",
                                 NON_NEGATIVE)
-    train_questions: tuple[int, ...] = flag((200, 50), "training questions per skill: one number, or one per skill "
+    task_vector_norm: str = flag("union", "m2n2-task-vectors: the norm of each child's task vector per unit before "
+                                          "its magnitude (M2N2.task_vector_norm)", choices=("merge", "union"))
+    train_questions: tuple[int, ...] = flag((120, 40), "training questions per skill: one number, or one per skill "
                                                        "(paper: 1,319 GSM8K, 100 WebShop)", nargs="+")
     test_questions: int = flag(500, "test questions per skill", POSITIVE)
     log_every: int = flag(100, "log the curves every this many passes", POSITIVE)

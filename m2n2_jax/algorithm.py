@@ -25,7 +25,7 @@ from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
 from m2n2_jax.merge import group_sizes, leaf_groups, slerp, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
-from m2n2_jax.task_vectors import add_task_vector, scale_groups, task_vector
+from m2n2_jax.task_vectors import add_task_vector, rescale_groups, scale_groups, task_vector, union_norms
 
 
 @struct.dataclass
@@ -63,6 +63,9 @@ class Params:
     magnitude_std: jax.Array = 0.0
 
 
+TASK_VECTOR_NORMS = ("merge", "union")
+
+
 @dataclasses.dataclass(frozen=True)
 class M2N2(Algorithm):
     """M2N2 and its ablations (static structure; hashable).
@@ -89,6 +92,11 @@ class M2N2(Algorithm):
         merge(tau_A, tau_B)), and rescale each child's tau per group by a log-normal
         magnitude (`Params.magnitude_std`), so children can extrapolate (reach e.g.
         base + tau_a + tau_b) and refine a task vector's length.
+      task_vector_norm: in task-vector mode, "merge" keeps the merge's norm (an
+        interpolation of tau_a and tau_b: about |tau_a + tau_b| / sqrt(2) for
+        orthogonal parents at w = 1/2) and "union" rescales each group of the merge
+        to `task_vectors.union_norms` of the parents (|tau_a + tau_b| for orthogonal
+        ones, the parents' norm for equal ones), before the log-normal magnitude.
     """
 
     archive_size: int = 20
@@ -100,8 +108,11 @@ class M2N2(Algorithm):
     subtract_worst: bool = False
     groups: Callable[[str], Hashable] | None = None
     task_vectors: bool = False
+    task_vector_norm: str = "merge"
 
     def __post_init__(self):
+        if self.task_vector_norm not in TASK_VECTOR_NORMS:
+            raise ValueError(f"task_vector_norm must be one of {TASK_VECTOR_NORMS}, got {self.task_vector_norm!r}")
         if not isinstance(self.archive_size, int) or self.archive_size < 2:
             raise ValueError(f"archive_size must be an int >= 2, got {self.archive_size!r}")
         if self.capacity_rule not in CAPACITY_RULES:
@@ -150,6 +161,9 @@ class M2N2(Algorithm):
             if self.task_vectors:
                 parent_a, parent_b = task_vector(parent_a, params.base), task_vector(parent_b, params.base)
             child = self.merge(key_ratio, key_split, parent_a, parent_b, params)
+            if self.task_vectors and self.task_vector_norm == "union":
+                groups = leaf_groups(child, self.groups)
+                child = rescale_groups(child, union_norms(parent_a, parent_b, groups), groups)
         else:
             child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
             if self.task_vectors:

@@ -43,7 +43,9 @@ def resource_fitness(
         candidate when inserting); the others enter neither z, nor the min, nor the
         max, and get F = 0. None: all rows.
       capacity_rule: "fixed" uses `capacity`; "max" sets c_j = max_i S'[i, j] over the
-        competing rows (the paper's rule for continuous scores), recomputed here.
+        competing rows (the paper's rule for continuous scores), recomputed here, times
+        `capacity` when given (a weight per datapoint, e.g. one per task so that tasks
+        of unequal sizes supply equal resources).
       subtract_worst: first subtract each datapoint's lowest competing score,
         S'[i, j] = S[i, j] - min_k S[k, j] (the paper's image-generation fitness).
 
@@ -66,7 +68,7 @@ def resource_fitness(
     # alpha may be traced: alpha = 1 and 0 are exact, not exp(alpha * log(total)).
     z = jnp.where(alpha == 1, safe, jnp.where(alpha == 0, 1.0, jnp.power(safe, alpha))) + eps
     if capacity_rule == "max":
-        capacity = scores.max(axis=0)
+        capacity = scores.max(axis=0) if capacity is None else capacity * scores.max(axis=0)
     weight = 1.0 / z if capacity is None else capacity / z
     per_point = scores * weight
     return per_point, per_point.sum(axis=1)

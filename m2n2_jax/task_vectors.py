@@ -31,3 +31,26 @@ def scale_groups(key: jax.Array, tau, std: jax.Array, groups: tuple[int, ...]):
     leaves, treedef = jax.tree.flatten(tau)
     scales = jnp.exp(std * jax.random.normal(key, (max(groups) + 1,)))
     return jax.tree.unflatten(treedef, [x * scales[g] for g, x in zip(groups, leaves)])
+
+
+def group_dots(a, b, groups: tuple[int, ...]) -> jax.Array:
+    """(G,) float32: <a_g, b_g>, the dot product of two pytrees within each group."""
+    dots = [jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return jnp.zeros(max(groups) + 1, jnp.float32).at[jnp.asarray(groups)].add(jnp.stack(dots))
+
+
+def union_norms(tau_a, tau_b, groups: tuple[int, ...]) -> jax.Array:
+    """(G,): U_g = sqrt(|a_g|^2 + |b_g|^2 - max(<a_g, b_g>, 0)), the norm of the union
+    of two parents' skills if each task vector is a sum of orthogonal unit skills
+    (|a|^2 counts a's skills, <a, b> the shared ones): |a + b| for orthogonal parents,
+    |a| for equal ones, |a| when b's skills are a subset of a's."""
+    aa, bb, ab = group_dots(tau_a, tau_a, groups), group_dots(tau_b, tau_b, groups), group_dots(tau_a, tau_b, groups)
+    return jnp.sqrt(jnp.maximum(aa + bb - jnp.maximum(ab, 0.0), 0.0))
+
+
+def rescale_groups(tau, norms: jax.Array, groups: tuple[int, ...]):
+    """tau with each group g scaled to norm norms[g] (a zero group stays zero)."""
+    current = jnp.sqrt(group_dots(tau, tau, groups))
+    scales = jnp.where(current > 0, norms / jnp.where(current > 0, current, 1.0), 0.0)
+    leaves, treedef = jax.tree.flatten(tau)
+    return jax.tree.unflatten(treedef, [x * scales[g] for g, x in zip(groups, leaves)])

@@ -2,6 +2,7 @@
 and each static switch of the paper's ablations checked by what it changes."""
 
 import collections
+import dataclasses
 import functools
 import itertools
 
@@ -16,6 +17,7 @@ import m2n2_jax as mj
 import problems as P
 from conftest import np_fitness, np_general_fitness
 from m2n2_jax import archive as archive_lib
+from m2n2_jax import task_vectors as tv_lib
 from m2n2_jax.selection import sample_parents
 
 TEMPLATE = P.init_model(jax.random.key(0))
@@ -602,6 +604,58 @@ def test_magnitude_scales_each_groups_task_vector_log_normally():
     logs = np.array(logs)
     assert abs(logs.mean()) < 0.03 and abs(logs.std() - 0.2) < 0.03
     assert np.corrcoef(logs[0::2], logs[1::2])[0, 1] < 0.2  # the two groups draw independently
+
+
+def np_union_norm(a, b):
+    return np.sqrt(a @ a + b @ b - max(a @ b, 0.0))
+
+
+def test_union_norms_match_numpy_and_the_skill_model():
+    """U = sqrt(|a|^2 + |b|^2 - max(<a, b>, 0)) per group; on orthonormal skills e_i,
+    the norm of the union of the parents' skills: |e1 + e2| for e1, e2; |e1| for e1, e1;
+    |e1 + e2| for e1 + e2, e1."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 7)).astype(np.float32), rng.normal(size=(2, 5)).astype(np.float32)
+    got = np.asarray(tv_lib.union_norms([a[0], b[0]], [a[1], b[1]], (0, 1)))
+    np.testing.assert_allclose(got, [np_union_norm(a[0], a[1]), np_union_norm(b[0], b[1])], rtol=1e-5)
+    e1, e2 = np.eye(3, dtype=np.float32)[:2]
+    norm = lambda x, y: float(tv_lib.union_norms([x], [y], (0,))[0])
+    assert norm(e1, e2) == pytest.approx(np.sqrt(2)) and norm(e1, e1) == pytest.approx(1.0)
+    assert norm(e1 + e2, e1) == pytest.approx(np.sqrt(2)) and norm(e1, -e1) == pytest.approx(np.sqrt(2))
+
+
+def test_union_norm_rescales_each_groups_merge_to_the_parents_union_norm():
+    """task_vector_norm="union", two layer groups: child - base = the merge of the task
+    vectors (same draws as "merge") rescaled per group to the union norm of the parents'
+    task vectors; the merge alone has a different norm (the counter-case)."""
+    union = mj.M2N2(archive_size=N, mutation=False, task_vectors=True, groups=per_layer, task_vector_norm="union")
+    merge = dataclasses.replace(union, task_vector_norm="merge")
+    state, params = tv_state(union)
+    F, f = np_fitness(S_ATTR)
+    d0 = 8 * 16 + 16
+
+    @jax.jit
+    def parents(key):
+        return sample_parents(jax.random.split(key, 4)[0], F.astype(np.float32), f.astype(np.float32),
+                              np.ones(N, bool))
+
+    differs = 0
+    for key in KEYS[:8]:
+        a, b = (int(i) for i in parents(key))
+        child = flat(ask(union, key, state, params)[0])[0] - XB
+        plain = flat(ask(merge, key, state, params)[0])[0] - XB
+        ta, tb = X[a] - XB, X[b] - XB
+        for part in (slice(0, d0), slice(d0, None)):
+            target = np_union_norm(ta[part].astype(np.float64), tb[part].astype(np.float64))
+            expected = plain[part] * target / np.linalg.norm(plain[part])
+            np.testing.assert_allclose(child[part], expected, rtol=1e-4, atol=1e-6)
+            differs += abs(np.linalg.norm(plain[part]) - target) > 1e-2 * target
+    assert differs > 0
+
+
+def test_task_vector_norm_must_be_known():
+    with pytest.raises(ValueError, match="task_vector_norm"):
+        mj.M2N2(task_vectors=True, task_vector_norm="sum")
 
 
 def test_task_vector_mode_needs_a_base_of_the_seeds_shape():

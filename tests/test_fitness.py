@@ -74,6 +74,22 @@ def test_capacity_max_is_the_best_competing_score():
     np.testing.assert_allclose(capped, [0.2, 1.0], rtol=1e-6)
 
 
+def test_capacity_max_times_a_given_capacity(rng):
+    """capacity_rule="max" with Params.capacity w: c_j = w_j max_k S'[k, j] over the
+    competing rows (NumPy); w = ones is the rule alone, and w changes the fitness."""
+    scores = rng.uniform(0.2, 1.0, size=(5, 12))
+    competing = np.array([True, False, True, True, True])
+    w = rng.uniform(0.5, 3.0, size=12)
+    per_point, fitness = resource_fitness(scores, 1.0, w, competing=competing, capacity_rule="max")
+    s = scores[competing]
+    ref_pp, ref_f = np_general_fitness(scores, competing, capacity=w * s.max(0))
+    np.testing.assert_allclose(per_point, ref_pp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitness, ref_f, rtol=1e-5, atol=1e-6)
+    plain = resource_fitness(scores, 1.0, np.ones(12), competing=competing, capacity_rule="max")[1]
+    np.testing.assert_allclose(plain, resource_fitness(scores, competing=competing, capacity_rule="max")[1], rtol=1e-6)
+    assert np.abs(plain - fitness).max() > 1e-2
+
+
 def test_capacity_max_equals_ones_on_binary_scores(rng):
     scores = (rng.uniform(size=(6, 40)) > 0.6).astype(np.float32)
     np.testing.assert_array_equal(resource_fitness(scores, capacity_rule="max")[1], resource_fitness(scores)[1])

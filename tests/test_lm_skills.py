@@ -5,11 +5,14 @@ import hashlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lm_models
+import lm_protocol
 import lm_skills
+import m2n2_jax as mj
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--batch", "16", "--pool", "300",
         "--base-steps", "4", "--finetune-steps", "3", "--train-questions", "6", "4", "--test-questions", "5",
@@ -102,3 +105,29 @@ def test_refused_runs_exit_2_with_one_line_and_touch_nothing(tmp_path, capsys, a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["lm_skills.json"]
     assert hashlib.sha1((out / "lm_skills.json").read_bytes()).hexdigest() == before
+
+
+def test_returned_model_is_the_best_mean_of_skills_not_of_questions():
+    """Three skill-0 questions and one skill-1 question: slot 0 wins the mean over
+    questions (0.75) but slot 1 the mean of the two skills (0.67 against 0.5), and an
+    empty slot with perfect scores is never returned."""
+    weights = lm_protocol.skill_weights(np.array([0, 0, 0, 1]))
+    np.testing.assert_allclose(np.asarray(weights), [[1 / 3, 0], [1 / 3, 0], [1 / 3, 0], [0, 1]])
+    scores = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]], jnp.float32)
+    archive = mj.Archive(params={"w": jnp.arange(3.0)}, scores=scores, occupied=jnp.array([True, True, False]))
+    model, mean = lm_protocol.returned_model(None, archive, None, None, weights)
+    assert float(model["w"]) == 1.0 and float(mean) == pytest.approx(2 / 3)
+    assert int(jnp.argmax(jnp.where(archive.occupied, scores.mean(1), -1))) == 0  # the counter-case
+
+
+def test_question_weights_give_each_skill_an_equal_share():
+    """Three skill-0 questions and one skill-1 question: weights 2/3 and 2 (mean 1, each
+    skill 2 in all); the CMA-ES score is scaled to [0, 1] and ranks models as the mean of
+    the skills' means does, not as the mean over questions."""
+    skill_of_point = np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(np.asarray(lm_protocol.question_weights(skill_of_point)), [2 / 3, 2 / 3, 2 / 3, 2])
+    fn = lm_protocol.skill_weighted(lambda params, batch: params, skill_of_point)
+    a, b = jnp.asarray([1.0, 1, 1, 0]), jnp.asarray([1.0, 0, 0, 1])  # skill means 0.5 and 0.67
+    assert float(fn(a, None).max()) <= 1 and float(fn(b, None).mean()) > float(fn(a, None).mean())
+    assert float(a.mean()) > float(b.mean())  # the counter-case
+    np.testing.assert_allclose(float(fn(b, None).mean()), (1 / 3 + 1) / 2 / 2, rtol=1e-6)
