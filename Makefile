@@ -41,7 +41,8 @@ experiments: $(STAMP)
 	$(BIN)/python experiments/plot.py experiments/results/pretrained
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
 
-# Merging two language-model specialists (about 9 minutes on 2 CPU cores; trained models cached).
+# Merging two language-model specialists, two pairs (56 min on 2 CPU cores with the models cached;
+# training both pairs first took about 19 min more).
 lm: $(STAMP)
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
 
