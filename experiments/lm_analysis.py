@@ -281,26 +281,56 @@ def retention(means: dict, names, methods) -> dict:
             for m in methods}
 
 
-def plot(path: str, methods, names, means: dict, stderr: dict) -> None:
-    """Bars of each method's test exact match per skill and their mean (± stderr),
-    written atomically to `path` (PNG)."""
+def plot(path: str, methods, names, means: dict, stderr: dict, title: str = "") -> None:
+    """Bars of each method's test score per skill and their mean (± stderr), written
+    atomically to `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     x = np.arange(len(methods))
     for j, skill in enumerate(tuple(names) + ("mean",)):
         ax.bar(x + (j - 1) * 0.27, [100 * means[m][skill] for m in methods], 0.27, label=skill,
                yerr=[100 * stderr[m][skill] for m in methods], capsize=2)
-    ax.set_xticks(x, methods, rotation=20)
-    ax.set_ylabel("test exact match (%)")
+    ax.set_xticks(x, methods, rotation=35, ha="right")
+    ax.set_ylabel("test score (%)")
     ax.set_ylim(0, 115)
     ax.set_yticks(range(0, 101, 20))
     ax.legend(ncol=3, loc="upper center")
-    ax.set_title(f"Merging the {names[0]} and the {names[1]} specialists (mean over runs)")
+    ax.set_title(title or f"Merging the {names[0]} and the {names[1]} specialists (mean over runs)")
     fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curves(path: str, curves: dict, title: str = "") -> None:
+    """Training and test mean of the skills of each evolutionary method's returned
+    model against evaluations (means over runs; `curves` as in lm_skills.json), to
+    `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, split in zip(axes, ("train", "test")):
+        for method, c in curves.items():
+            ax.plot(c["forward_passes"], [100 * v for v in c[f"{split}_score_mean"]], marker=".", label=method)
+        ax.set_xlabel("evaluations")
+        ax.set_title(f"{split}: mean of the two skills")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """Write `fig` to `path` atomically (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".png") as f:

@@ -21,7 +21,8 @@ mode, and the static operators tuned on the training questions.
 Writes OUT/lm_skills.json: `pairs` -> pair -> `test_skill_mean` -> method -> the mean
 over runs of the two skills' mean test score, and beside it per-skill means, standard
 errors, per-run values, training scores, curves, wall times, the reachability grid and
-the task-vector statistics; OUT/lm_skills_<pair>.png. Every value is checked before
+the task-vector statistics; OUT/lm_skills_<pair>.png (test scores per skill) and
+OUT/lm_skills_<pair>_curves.png (training and test curves of the evolutionary methods). Every value is checked before
 any work; a refused or failed run writes nothing.
 """
 
@@ -172,7 +173,12 @@ def main(argv=None) -> dict:
         reported = list(r["test_skill_mean"])
         means = {m: {**r["test_score"][m], "mean": r["test_skill_mean"][m]} for m in reported}
         stderr = {m: {**r["test_score_stderr"][m], "mean": r["test_skill_mean_stderr"][m]} for m in reported}
-        lm_analysis.plot(os.path.join(spec.out, f"lm_skills_{p}.png"), reported, spec.skills, means, stderr)
+        lm_analysis.plot(os.path.join(spec.out, f"lm_skills_{p}.png"), reported, spec.skills, means, stderr,
+                         f"Pair ({p}): test scores, addition exact match and reversal partial credit "
+                         f"(mean ± stderr over {spec.runs} runs)")
+        if r["curves"]:
+            lm_analysis.plot_curves(os.path.join(spec.out, f"lm_skills_{p}_curves.png"), r["curves"],
+                                    f"Pair ({p}): the returned model's mean of the skills (mean over {spec.runs} runs)")
     harness.write_json(os.path.join(spec.out, "lm_skills.json"), record)
     for p, r in pairs.items():
         print(f"\npair {p}: {'method':<24} {spec.skills[0]:>9} {spec.skills[1]:>9} {'mean':>7}   "

@@ -46,6 +46,7 @@ def test_lm_skills_writes_the_json_contract(tmp_path):
     assert -1 <= pair["task_vectors"]["cosine"] <= 1 and "dare" in pair["task_vectors"]
     assert set(pair["reachability_best"]) == {"linear", "swap", "task_arithmetic"}
     assert (tmp_path / "out" / "lm_skills_a.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "lm_skills_a_curves.png").stat().st_size > 1000
 
 
 def test_models_are_cached_per_test_set(tmp_path, monkeypatch):
