@@ -32,7 +32,9 @@ their number of questions), as for the static operators' grids.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +112,8 @@ def returned_model(algo, state, score_fn, train, weights):
     """(model, mean of the skills' training scores) of the model a method returns: the
     archive member with the best mean of the skills (archive methods), else the
     algorithm's own best. The runner's default ranks by the mean over questions, which
-    weighs addition 4 : 1 with 200 and 50 training questions; the score reported is the
-    mean of the two skills."""
+    weighs the skills by their numbers of questions (3 : 1 with 120 and 40); the score
+    reported is the mean of the two skills."""
     if isinstance(state, mj.Archive):
         means = jnp.where(state.occupied, (state.scores @ weights).mean(-1), -jnp.inf)
         index = jnp.argmax(means)
@@ -130,22 +132,61 @@ def skill_metrics(algo, score_fn, train, weights, test_weights):
     return metrics_fn
 
 
-def run_pair(pair: str, training, spec, log=print) -> dict:
-    """Every method on one pair: the record of `pairs[pair]` in lm_skills.json."""
-    t0 = time.perf_counter()
+def skill_index(data: dict) -> np.ndarray:
+    """(M,) int: the skill (its position in `data`) of each question of
+    `per_skill_batch(data, ...)`."""
+    return np.concatenate([np.full(len(prompts), i) for i, (prompts, _) in enumerate(data.values())])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A trained pair with its questions and scorers, as every method sees it."""
+
+    names: tuple
+    models: dict  # "base", "specialist_a", "specialist_b"
+    evaluate: Callable  # lm_analysis.skill_evaluator
+    scorers: dict
+    train_batch: tuple
+    test_batch: tuple
+    skill_of_point: np.ndarray
+    weights: jax.Array  # skill_weights of the training questions
+    test_weights: jax.Array
+    score_fn: Callable
+
+
+def prepare(training, spec, log=print) -> Pair:
+    """Load (or train) the pair of `training` and build its questions (`spec`'s sizes)."""
     names = training.specialists
     train, test, test_prompts = lm_analysis.skill_sets(names, spec.train_questions, spec.test_questions,
                                                        spec.data_seed)
     trained = load_or_train(training, test_prompts, spec.cache, log=log)
-    models = {"base": trained["base"], "specialist_a": trained[names[0]], "specialist_b": trained[names[1]]}
     model = make_model(training)
-    evaluate = lm_analysis.skill_evaluator(model, train, test)
     scorers = {s: skills.SCORERS[s] for s in names}
-    train_batch, test_batch = per_skill_batch(train, scorers), per_skill_batch(test, scorers)
-    skill_of_point = np.concatenate([np.full(len(train[s][0]), i) for i, s in enumerate(names)])
-    weights = skill_weights(skill_of_point)
-    test_weights = skill_weights(np.concatenate([np.full(len(test[s][0]), i) for i, s in enumerate(names)]))
-    score_fn = mixed_scores(model)
+    skill_of_point = skill_index(train)
+    return Pair(names=names,
+                models={"base": trained["base"], "specialist_a": trained[names[0]], "specialist_b": trained[names[1]]},
+                evaluate=lm_analysis.skill_evaluator(model, train, test), scorers=scorers,
+                train_batch=per_skill_batch(train, scorers), test_batch=per_skill_batch(test, scorers),
+                skill_of_point=skill_of_point, weights=skill_weights(skill_of_point),
+                test_weights=skill_weights(skill_index(test)), score_fn=mixed_scores(model))
+
+
+def run_evolutionary(name: str, algo, params, seeds, p: Pair, spec):
+    """(RunResult, the returned model's evaluate() per run) of one evolutionary method."""
+    fitness_scores = skill_weighted(p.score_fn, p.skill_of_point) if name.startswith("cma-es") else p.score_fn
+    result = mj.run(algo, harness.run_keys(spec.seed, spec.runs), fitness_scores, p.train_batch, spec.forward_passes,
+                    params=params, seed_models=seeds, test_data=p.test_batch, log_every=spec.log_every,
+                    progress=not spec.no_progress,
+                    metrics_fn=skill_metrics(algo, p.score_fn, p.train_batch, p.weights, p.test_weights))
+    pick = jax.jit(lambda state: returned_model(algo, state, p.score_fn, p.train_batch, p.weights)[0])
+    return result, [p.evaluate(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
+
+
+def run_pair(pair: str, training, spec, log=print) -> dict:
+    """Every method on one pair: the record of `pairs[pair]` in lm_skills.json."""
+    t0 = time.perf_counter()
+    p = prepare(training, spec, log)
+    names, models, evaluate, scorers = p.names, p.models, p.evaluate, p.scorers
     keys = harness.run_keys(spec.seed, spec.runs)
     t_trained = time.perf_counter()
 
@@ -171,14 +212,7 @@ def run_pair(pair: str, training, spec, log=print) -> dict:
             scores = [evaluate(f[0]) for f in found]
             coefficients[name] = [f[1] for f in found]
         else:
-            algo, params, seeds = algorithm(name, models, skill_of_point, spec)
-            fitness_scores = skill_weighted(score_fn, skill_of_point) if name.startswith("cma-es") else score_fn
-            result = mj.run(algo, keys, fitness_scores, train_batch, spec.forward_passes, params=params,
-                            seed_models=seeds, test_data=test_batch, log_every=spec.log_every,
-                            progress=not spec.no_progress,
-                            metrics_fn=skill_metrics(algo, score_fn, train_batch, weights, test_weights))
-            pick = jax.jit(lambda state: returned_model(algo, state, score_fn, train_batch, weights)[0])
-            scores = [evaluate(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
+            result, scores = run_evolutionary(name, *algorithm(name, models, p.skill_of_point, spec), p, spec)
             curves[name] = {"forward_passes": result.passes.tolist(),
                             "test_score_mean": result.test_accuracy.mean(0).tolist(),
                             "train_score_mean": result.train_accuracy.mean(0).tolist()}

@@ -28,8 +28,12 @@ def scale_groups(key: jax.Array, tau, std: jax.Array, groups: tuple[int, ...]):
     """tau with group g's leaves times s_g = exp(std * z_g), z_g ~ N(0, 1): a log-normal
     magnitude per group (median 1), so repeated children refine a task vector's length
     multiplicatively. std = 0 returns tau unchanged (s = 1 exactly)."""
+    return _times_groups(tau, jnp.exp(std * jax.random.normal(key, (max(groups) + 1,))), groups)
+
+
+def _times_groups(tau, scales: jax.Array, groups: tuple[int, ...]):
+    """tau with group g's leaves times scales[g]."""
     leaves, treedef = jax.tree.flatten(tau)
-    scales = jnp.exp(std * jax.random.normal(key, (max(groups) + 1,)))
     return jax.tree.unflatten(treedef, [x * scales[g] for g, x in zip(groups, leaves)])
 
 
@@ -51,6 +55,4 @@ def union_norms(tau_a, tau_b, groups: tuple[int, ...]) -> jax.Array:
 def rescale_groups(tau, norms: jax.Array, groups: tuple[int, ...]):
     """tau with each group g scaled to norm norms[g] (a zero group stays zero)."""
     current = jnp.sqrt(group_dots(tau, tau, groups))
-    scales = jnp.where(current > 0, norms / jnp.where(current > 0, current, 1.0), 0.0)
-    leaves, treedef = jax.tree.flatten(tau)
-    return jax.tree.unflatten(treedef, [x * scales[g] for g, x in zip(groups, leaves)])
+    return _times_groups(tau, jnp.where(current > 0, norms / jnp.where(current > 0, current, 1.0), 0.0), groups)

@@ -125,6 +125,11 @@ def greedy_decode(model: Transformer, params, prompt: jax.Array, answer_len: int
     return jnp.concatenate([tokens, last[None]])
 
 
+def _decode_all(model: Transformer, params, prompts: jax.Array, answer_len: int) -> jax.Array:
+    """(M, answer_len): `greedy_decode` vmapped over the prompts (M, P)."""
+    return jax.vmap(lambda q: greedy_decode(model, params, q, answer_len))(prompts)
+
+
 def exact_match(decoded: jax.Array, answers: jax.Array) -> jax.Array:
     """(M,) float32: 1.0 where decoded (M, A) equals answers (M, A) at every position,
     padding included, else 0.0."""
@@ -165,8 +170,7 @@ def decoded_scores(model: Transformer, scorer: str | Callable = "exact_match") -
 
     def score_fn(params, batch):
         prompts, answers = batch
-        decoded = jax.vmap(lambda q: greedy_decode(model, params, q, answers.shape[1]))(prompts)
-        return score(decoded, answers)
+        return score(_decode_all(model, params, prompts, answers.shape[1]), answers)
 
     return score_fn
 
@@ -195,7 +199,7 @@ def mixed_scores(model: Transformer) -> Callable:
 
     def score_fn(params, batch):
         prompts, answers, partial = batch
-        decoded = jax.vmap(lambda q: greedy_decode(model, params, q, answers.shape[1]))(prompts)
+        decoded = _decode_all(model, params, prompts, answers.shape[1])
         return jnp.where(partial, partial_credit(decoded, answers), exact_match(decoded, answers))
 
     return score_fn
