@@ -49,7 +49,7 @@ class Spec:
     seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
     out: str = flag("experiments/results/diffusion", "output directory", result=False)
     methods: tuple[str, ...] = flag(dp.METHODS, "methods to run besides the seeds (default: all)", nargs="+")
-    archive_size: int = flag(10, "M2N2 archive size", AT_LEAST_2)
+    archive_size: int = flag(20, "M2N2 archive size", AT_LEAST_2)
     warmup: int = flag(50, "M2N2's first steps that merge random archive members (paper: at most 50)", NON_NEGATIVE)
     population: int = flag(20, "CMA-ES population", AT_LEAST_2)
     std_init: float = flag(0.2, "CMA-ES initial step size over the task-vector weights", POSITIVE)
