@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test experiments lm bench clean
+.PHONY: run test experiments lm diffusion bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -40,11 +40,16 @@ experiments: $(STAMP)
 	  --seed 42 --population 20 --std-init 0.2 --out experiments/results/pretrained
 	$(BIN)/python experiments/plot.py experiments/results/pretrained
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
+	$(BIN)/python experiments/diffusion.py --runs 4 --out experiments/results/diffusion
 
 # Merging two language-model specialists, two pairs (56 min on 2 CPU cores with the models cached;
 # training both pairs first took about 19 min more).
 lm: $(STAMP)
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
+
+# The bilingual diffusion merge in miniature (about 7 min on 2 CPU cores, training included).
+diffusion: $(STAMP)
+	$(BIN)/python experiments/diffusion.py --runs 4 --out experiments/results/diffusion
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput
