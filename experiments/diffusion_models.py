@@ -58,7 +58,7 @@ class Training:
     ja_lr: float = 1e-3
     ja_subset: float = 0.15
     ja_en_share: float = 0.1
-    ja_new_conditioning: bool = True
+    ja_new_conditioning: bool = True  # False: the JA FiLM layers start from en-base's (only the encoder is new)
     seed: int = 0
 
     def tag(self) -> str:

@@ -60,7 +60,7 @@ class Problem:
     models: dict  # diffusion_models.load_or_train
     training: diffusion_models.Training
     train_batch: tuple  # (JA tokens (M, L), noise (M, 64), real features (M, F))
-    test: dict  # "ja", "en" tokens (T, L), "noise" (T, 64), "features" (T, F), "labels" (T,), "attributes" (T, 3)
+    test: dict  # "ja", "en" tokens (T, L), "noise" (T, 64), "features" (T, F), "labels" (T,)
     score_fn: Callable  # denoiser params, batch -> (M,) normalised similarities (JA encoder)
     steps: int
 
@@ -86,7 +86,7 @@ def prepare(spec, log=print) -> Problem:
                    jax.random.normal(k_train, (len(chosen), df.PIXELS)), features(x_train[chosen]))
     test = {"ja": jnp.asarray(captions.tokens(a_test, "ja")), "en": jnp.asarray(captions.tokens(a_test, "en")),
             "noise": jax.random.normal(k_test, (len(x_test), df.PIXELS)), "features": features(x_test),
-            "labels": jnp.asarray(y_test), "attributes": a_test}
+            "labels": jnp.asarray(y_test)}
     score_fn = df.caption_scores(denoiser, encoder, models["encoders"]["ja"], classifier, models["classifier"],
                                  spec.sampling_steps)
     return Problem(models, t, train_batch, test, score_fn, spec.sampling_steps)
