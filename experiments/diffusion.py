@@ -15,7 +15,8 @@ Writes OUT/diffusion.json: for each metric (`test_ncs`, `fid`, `digit_accuracy`,
 `en_test_ncs`, `en_fid`, `en_digit_accuracy`, `cross_lingual`) a map method ->
 {`mean`, `stderr`, `runs`}, with the settings, curves, chosen coefficients and wall
 times; OUT/diffusion_samples.png (the same JA and EN prompts and noise for every
-method) and OUT/diffusion_bars.png. Every value is checked before any work; a refused
+method; the images, in [-1, 1], in OUT/diffusion_samples.npz under "method/lang") and
+OUT/diffusion_bars.png. Every value is checked before any work; a refused
 or failed run writes nothing.
 """
 
@@ -115,7 +116,7 @@ def plot_samples(path: str, images: dict, prompts: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(m, lang) for m in images for lang in ("ja", "en")]
-    fig, axes = plt.subplots(len(rows), 10, figsize=(10, 1.05 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 10, figsize=(8, 0.85 * len(rows) + 0.8), squeeze=False)
     for r, (method, lang) in enumerate(rows):
         for c in range(10):
             ax = axes[r, c]
@@ -124,9 +125,9 @@ def plot_samples(path: str, images: dict, prompts: dict) -> None:
             if r < 2:
                 ax.set_title(prompts[rows[r][1]][c], fontsize=5)
         axes[r, 0].set_ylabel(f"{method}\n{lang.upper()}", fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle("The same prompts (JA rows, EN rows) and noise for every method", fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    fig.suptitle("The same prompts (JA rows, EN rows) and noise for every method (run 0)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    _save(fig, path, dpi=100)
 
 
 def plot_bars(path: str, summary: dict, runs: int) -> None:
@@ -155,11 +156,11 @@ def plot_bars(path: str, summary: dict, runs: int) -> None:
     _save(fig, path)
 
 
-def _save(fig, path):
+def _save(fig, path, dpi=130):
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -202,9 +203,10 @@ def main(argv=None) -> dict:
               f"FD {np.mean([r['fid'] for r in per_run[name]]):.2f} ({wall[name]:.0f} s)")
 
     summary = summarise(per_run)
-    shown = [m for m in ("seed-ja", "seed-en-long", "m2n2", "m2n2-one-group", "cma-es", "ga", "task_arithmetic")
-             if m in samples]
-    plot_samples(os.path.join(spec.out, "diffusion_samples.png"), {m: samples[m] for m in shown}, prompts)
+    os.makedirs(spec.out, exist_ok=True)
+    np.savez_compressed(os.path.join(spec.out, "diffusion_samples.npz"),
+                        **{f"{m}/{lang}": x for m, by_lang in samples.items() for lang, x in by_lang.items()})
+    plot_samples(os.path.join(spec.out, "diffusion_samples.png"), samples, prompts)
     plot_bars(os.path.join(spec.out, "diffusion_bars.png"), summary, spec.runs)
     record = {
         "experiment": "diffusion",

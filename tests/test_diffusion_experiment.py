@@ -37,6 +37,9 @@ def test_every_method_runs_and_the_json_contract_holds(tmp_path):
     assert record["training"]["base_steps"] == 5 and "total" in record["wall_seconds"]
     for png in ("diffusion_samples.png", "diffusion_bars.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+    samples = np.load(tmp_path / "out" / "diffusion_samples.npz")
+    assert sorted(samples.files) == sorted(f"{m}/{lang}" for m in methods for lang in ("ja", "en"))
+    assert samples["m2n2/ja"].shape == (10, 64) and np.abs(samples["m2n2/ja"]).max() <= 1
 
 
 @pytest.mark.parametrize("argv, message", [
