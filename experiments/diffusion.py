@@ -70,8 +70,7 @@ class Spec:
 
     def training(self) -> Training:
         """The seed models' settings (their cache key)."""
-        return Training(seed=self.data_seed, **{f.name: getattr(self, f.name) for f in dataclasses.fields(Training)
-                                                if f.name != "seed" and f.name in {g.name for g in dataclasses.fields(Spec)}})
+        return harness.settings_of(Training, self, seed=self.data_seed)
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - set(dp.METHODS))
@@ -127,7 +126,7 @@ def plot_samples(path: str, images: dict, prompts: dict) -> None:
         axes[r, 0].set_ylabel(f"{method}\n{lang.upper()}", fontsize=6, rotation=0, ha="right", va="center")
     fig.suptitle("The same prompts (JA rows, EN rows) and noise for every method (run 0)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    _save(fig, path, dpi=100)
+    harness.save_figure(fig, path, dpi=100)
 
 
 def plot_bars(path: str, summary: dict, runs: int) -> None:
@@ -153,15 +152,7 @@ def plot_bars(path: str, summary: dict, runs: int) -> None:
     axes[0].invert_yaxis()
     fig.suptitle(f"Bilingual diffusion merge, held-out images (mean ± stderr over {runs} runs)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path, dpi=130):
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=130)
 
 
 def main(argv=None) -> dict:

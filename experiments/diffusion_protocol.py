@@ -42,14 +42,14 @@ from m2n2_jax import merge_ops
 from m2n2_jax.sharding import AXES, runs_axis_size
 from m2n2_jax.tasks import captions, digits
 from m2n2_jax.tasks import diffusion as df
+from m2n2_jax.tasks.methods import M2N2_VARIANTS
 
 EVOLUTIONARY = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "m2n2-one-group", "ga", "cma-es")
 SEEDS = tuple(f"seed-{s}" for s in diffusion_models.SEEDS)
 OPERATORS = ("linear", "slerp", "task_arithmetic", "ties", "dare")
 METHODS = EVOLUTIONARY + OPERATORS
-M2N2_SWITCHES = {"m2n2": ({}, 1.0), "m2n2-no-attraction": ({"attraction": False}, 1.0),
-                 "m2n2-no-splitpoint": ({"split_point": False}, 1.0), "m2n2-one-group": ({"groups": None}, 1.0),
-                 "ga": ({"attraction": False}, 0.0)}
+M2N2_SWITCHES = {**{k: M2N2_VARIANTS[k] for k in ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga")},
+                 "m2n2-one-group": ({"groups": None}, 1.0)}
 METRICS = ("test_ncs", "fid", "digit_accuracy", "en_test_ncs", "en_fid", "en_digit_accuracy", "cross_lingual")
 
 
@@ -62,6 +62,7 @@ class Problem:
     train_batch: tuple  # (JA tokens (M, L), noise (M, 64), real features (M, F))
     test: dict  # "ja", "en" tokens (T, L), "noise" (T, 64), "features" (T, F), "labels" (T,)
     score_fn: Callable  # denoiser params, batch -> (M,) normalised similarities (JA encoder)
+    train_mean: Callable  # denoiser params -> the mean of score_fn over the training captions (jitted)
     steps: int
 
     @property
@@ -89,7 +90,8 @@ def prepare(spec, log=print) -> Problem:
             "labels": jnp.asarray(y_test)}
     score_fn = df.caption_scores(denoiser, encoder, models["encoders"]["ja"], classifier, models["classifier"],
                                  spec.sampling_steps)
-    return Problem(models, t, train_batch, test, score_fn, spec.sampling_steps)
+    train_mean = jax.jit(lambda d: score_fn(d, train_batch).mean())
+    return Problem(models, t, train_batch, test, score_fn, train_mean, spec.sampling_steps)
 
 
 def generator(p: Problem) -> Callable:
@@ -214,9 +216,8 @@ def best_static(name: str, p: Problem, key) -> tuple:
     the best mean training score (the first on ties)."""
     merge, grid = STATIC[name]
     merge_fn = jax.jit(merge)
-    score = jax.jit(lambda d: p.score_fn(d, p.train_batch).mean())
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    scores = [float(score(merge_fn(p.models["denoisers"], {k: jnp.float32(v) for k, v in c.items()}, key)))
+    scores = [float(p.train_mean(merge_fn(p.models["denoisers"], {k: jnp.float32(v) for k, v in c.items()}, key)))
               for c in points]
     chosen = points[int(np.argmax(scores))]
     model = merge_fn(p.models["denoisers"], {k: jnp.float32(v) for k, v in chosen.items()}, key)

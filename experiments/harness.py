@@ -166,6 +166,34 @@ def write_json(path: str, record: dict) -> dict:
     return record
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Write a matplotlib figure to `path` atomically (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".png") as f:
+        try:
+            fig.savefig(f, format="png", dpi=dpi)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+        finally:
+            plt.close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # as a plain savefig would (the temporary file is private)
+    os.replace(f.name, path)
+
+
+def settings_of(cls: type, spec, **fixed):
+    """cls (a dataclass of settings, e.g. a model's training) built from the fields of
+    `spec` that share its field names, with `fixed` overriding or completing them."""
+    names = {f.name for f in dataclasses.fields(spec)}
+    return cls(**fixed, **{f.name: getattr(spec, f.name) for f in dataclasses.fields(cls)
+                           if f.name in names and f.name not in fixed})
+
+
 def train(loss_fn: Callable, params, optimizer, keys):
     """(params, losses): one optimizer step per key, loss_fn(params, key) -> scalar, in one `lax.scan`."""
     import jax

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import tempfile
 from typing import Callable
 
 import jax
@@ -301,7 +300,7 @@ def plot(path: str, methods, names, means: dict, stderr: dict, title: str = "") 
     ax.legend(ncol=3, loc="upper center")
     ax.set_title(title or f"Merging the {names[0]} and the {names[1]} specialists (mean over runs)")
     fig.tight_layout()
-    _save(fig, path)
+    harness.save_figure(fig, path)
 
 
 def plot_curves(path: str, curves: dict, title: str = "") -> None:
@@ -324,24 +323,4 @@ def plot_curves(path: str, curves: dict, title: str = "") -> None:
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: str) -> None:
-    """Write `fig` to `path` atomically (PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".png") as f:
-        try:
-            fig.savefig(f, format="png", dpi=120)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-        finally:
-            plt.close(fig)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # as a plain savefig would (the temporary file is private)
-    os.replace(f.name, path)
+    harness.save_figure(fig, path)

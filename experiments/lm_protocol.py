@@ -46,6 +46,7 @@ import lm_operators
 import m2n2_jax as mj
 from lm_models import load_or_train, make_model
 from m2n2_jax.tasks import skills
+from m2n2_jax.tasks.methods import M2N2_VARIANTS
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "cma-es-slerp")
@@ -53,8 +54,7 @@ EVOLUTIONARY = PAPER + ("cma-es-task-arithmetic", "m2n2-task-vectors")
 OPERATORS = tuple(lm_operators.BASELINES)
 SEEDS = ("base", "specialist_a", "specialist_b")
 METHODS = EVOLUTIONARY + OPERATORS
-M2N2_SWITCHES = {"m2n2": ({}, 1.0), "m2n2-no-attraction": ({"attraction": False}, 1.0),
-                 "m2n2-no-splitpoint": ({"split_point": False}, 1.0), "ga": ({"attraction": False}, 0.0)}
+M2N2_SWITCHES = {k: M2N2_VARIANTS[k] for k in ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga")}
 
 
 def algorithm(name: str, models: dict, skill_of_point, spec):

@@ -140,10 +140,7 @@ class Spec:
     def training(self) -> dict:
         """{pair: the models' settings (their cache key)}: pair a from the model flags,
         the others from lm_models.PAIRS, all with these skills and data seed."""
-        flags = Training(seed=self.data_seed, specialists=self.skills,
-                         **{f.name: getattr(self, f.name) for f in dataclasses.fields(Training)
-                            if f.name in {g.name for g in dataclasses.fields(Spec)}
-                            and f.name not in ("seed", "specialists")})
+        flags = harness.settings_of(Training, self, seed=self.data_seed, specialists=self.skills)
         return {p: flags if p == "a" else dataclasses.replace(PAIRS[p], seed=self.data_seed, specialists=self.skills)
                 for p in self.pairs}
 

@@ -59,7 +59,7 @@ print("   group norms: " + "; ".join(f"{s} " + ", ".join(f"{k} {v:.1f}" for k, v
 
 print("2. two-group slerp JA -> en-long: training similarity / test Fréchet distance")
 evaluate = dp.evaluator(p)
-train_score = jax.jit(lambda m: p.score_fn(m, p.train_batch).mean())
+train_score = p.train_mean
 merge = jax.jit(lambda w: mj.slerp(d["ja"], d["en-long"], w, 1e-6, 1.0, groups))
 grid = (0.0, 0.25, 0.5, 0.75, 1.0)
 print("   w_rest \\ w_conditioning " + " ".join(f"{w:>15}" for w in grid))
