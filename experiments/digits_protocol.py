@@ -1,7 +1,9 @@
-"""What the two digits experiments share: their settings and one run of a method.
+"""What the two digits experiments share: their settings, their data and one run of a method.
 
 Both write OUT/METHOD.json (fields: `harness.run_record`, plus the settings that change
-a result); a refused or failed run writes nothing.
+a result); a refused or failed run writes nothing. `--dataset mnist` swaps the paper's
+8x8 digits for real MNIST (tasks.mnist, prepared by `make mnist`; docs/mnist.md) and
+widens the MLP's input to 784.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import jax
 import harness
 import m2n2_jax as mj
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
-from m2n2_jax.tasks import digits, methods
+from m2n2_jax.tasks import digits, methods, mnist
+from mnist_data import DATA_DIR
+
+INPUTS = {"digits": digits.INPUTS, "mnist": mnist.INPUTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +30,10 @@ class Protocol:
     runs: int = flag(10, "independent runs (seeds)", POSITIVE)
     forward_passes: int = flag(50_000, "budget per run, seeds included", POSITIVE)
     seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
+    dataset: str = flag("digits", "scikit-learn's 8x8 digits (the paper's) or real MNIST 28x28 (`make mnist` first)",
+                        choices=tuple(INPUTS))
+    train_size: int | None = flag(None, "train on the first N training images only (default: all)", POSITIVE)
+    data_dir: str = flag(DATA_DIR, "tensorflow-datasets folder of --dataset mnist", result=False)
     out: str = flag("experiments/results/from_scratch", "output directory", result=False)
     hidden: int = flag(256, "MLP hidden width (paper: 256)", POSITIVE)
     archive_size: int = flag(20, "archive size of the M2N2 family", AT_LEAST_2)
@@ -43,6 +52,42 @@ class Protocol:
                               result=False)
 
 
+def load_data(spec: Protocol):
+    """((x_train, y_train), (x_test, y_test)) of spec.dataset, training on its first
+    spec.train_size images; exits with one line where that is impossible."""
+    try:
+        if spec.dataset == "mnist":
+            return mnist.load_mnist(spec.data_dir, spec.train_size)
+        train, test = digits.load_digits()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if spec.train_size is not None:
+        if spec.train_size > len(train[1]):
+            raise SystemExit(f"error: --train-size {spec.train_size}: digits has {len(train[1])} training images")
+        train = tuple(a[: spec.train_size] for a in train)
+    return train, test
+
+
+def check_cma_es_memory(spec: Protocol) -> None:
+    """Exit with one line, before any work, where full CMA-ES cannot hold its state: evosax's
+    CMA_ES keeps the covariance C and its eigenvectors B (D x D float32 each) plus five
+    D-vectors per run, and needs more D x D temporaries in every ask and tell."""
+    if spec.method != "cma-es":
+        return
+    sizes = digits.widths(spec.hidden, INPUTS[spec.dataset])
+    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    need = spec.runs * 4 * (2 * d * d + 5 * d)
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+    else:
+        have, where = sum((x.memory_stats() or {}).get("bytes_limit", 0) for x in devices), "accelerator memory"
+    if need > have:
+        raise SystemExit(f"error: cma-es at D = {d:,} needs {need / 2**30:,.1f} GiB for its state alone "
+                         f"({spec.runs} run(s) x C and B, {d:,}^2 float32 each), more than the "
+                         f"{have / 2**30:,.1f} GiB of {where} here; use sep-cma-es")
+
+
 def checkpointing(spec: Protocol, experiment: str) -> mj.Checkpointing | None:
     """The run's `Checkpointing`; its metadata is the settings that change the result."""
     if spec.resume is None and spec.checkpoint_every is None:
@@ -58,7 +103,7 @@ def checkpointing(spec: Protocol, experiment: str) -> mj.Checkpointing | None:
 
 def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, seed_fn=None, **extra) -> dict:
     """Run `spec.method` through `m2n2_jax.run`, write OUT/METHOD.json, return the record."""
-    template = digits.init_mlp(jax.random.key(0), spec.hidden)
+    template = digits.init_mlp(jax.random.key(0), spec.hidden, inputs=train[0].shape[1])
     settings = methods.Settings(
         mutation_std=spec.mutation_std, archive_size=spec.archive_size,
         descriptor=mj.group_descriptor(digits.parity_groups(train[1])), num_ratios=spec.forward_passes,

@@ -11,6 +11,10 @@ CMA-ES at large D): the JSON then records the passes actually spent in
 `forward_passes`, the requested budget in `budget_forward_passes` and
 `stopped_by_time_limit: true`.
 
+--dataset mnist runs on real MNIST (784 inputs, D = 203,530 at hidden 256; `make mnist`
+first; docs/mnist.md), --train-size N on the first N training images; full `cma-es`
+is refused before any work where its D x D state does not fit in memory.
+
 Any run can be checkpointed and resumed (orbax, atomic, no pickle):
     ... --checkpoint-every 5000            # into OUT/checkpoints/METHOD (or --checkpoint-dir)
     ... --resume OUT/checkpoints/METHOD    # same settings otherwise; ends bit-identical
@@ -24,7 +28,7 @@ harness.use_cpu_devices()
 
 import jax  # noqa: E402
 
-from digits_protocol import Protocol, evolve  # noqa: E402
+from digits_protocol import Protocol, check_cma_es_memory, evolve, load_data  # noqa: E402
 from m2n2_jax.tasks import digits, methods  # noqa: E402
 
 METHODS = tuple(m for m in methods.METHODS if m != "brute-force")
@@ -32,9 +36,11 @@ METHODS = tuple(m for m in methods.METHODS if m != "brute-force")
 
 def main(argv=None) -> dict:
     spec = harness.parse(Protocol, __doc__, argv, choices={"method": METHODS})
-    train, test = digits.load_digits()
-    num_seeds = 1 if spec.method in methods.ES else 2
-    seed_fn = lambda key: jax.vmap(lambda k: digits.init_mlp(k, spec.hidden))(jax.random.split(key, num_seeds))
+    check_cma_es_memory(spec)
+    train, test = load_data(spec)
+    num_seeds, inputs = 1 if spec.method in methods.ES else 2, train[0].shape[1]
+    seed_fn = lambda key: jax.vmap(lambda k: digits.init_mlp(k, spec.hidden, inputs=inputs))(
+        jax.random.split(key, num_seeds))
     return evolve(spec, "from_scratch", train, test, seed_fn=seed_fn,
                   **({"population": spec.population, "std_init": spec.std_init} if spec.method in methods.ES else {}))
 

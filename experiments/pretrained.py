@@ -9,7 +9,9 @@ scores --forward-passes evenly spaced slerp ratios between the two specialists (
 ends are the specialists) and keeps the best on training data (identical in every run).
 `slerp-cma-es` is the paper's LLM baseline in miniature: CMA-ES over one slerp ratio
 per layer between the two specialists (2 coefficients; --population, --std-init).
-Writes OUT/METHOD.json with the fields of experiments/from_scratch.py.
+Writes OUT/METHOD.json with the fields of experiments/from_scratch.py. --dataset mnist
+(and --train-size) as there; the paper's starting models are 64-input, so MNIST needs
+--specialist-init key.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import harness
 
 harness.use_cpu_devices()
 
-from digits_protocol import Protocol, evolve  # noqa: E402
+from digits_protocol import Protocol, evolve, load_data  # noqa: E402
 from harness import POSITIVE, flag  # noqa: E402
 from m2n2_jax.tasks import digits  # noqa: E402
 from specialists import CACHE, HALVES, label_accuracy, load_or_train  # noqa: E402
@@ -36,13 +38,20 @@ class Pretrained(Protocol):
     specialist_seed: int = flag(0, "seed of the specialists' starting models with --specialist-init key")
     cache: str = flag(CACHE, "where the trained specialists are kept (orbax)", result=False)
 
+    def __post_init__(self):
+        if self.dataset != "digits" and self.specialist_init == "paper":
+            raise ValueError(f"--dataset {self.dataset} needs --specialist-init key: "
+                             "the paper's starting models are 64-input (digits)")
+
 
 def main(argv=None) -> dict:
     spec = harness.parse(Pretrained, __doc__, argv, choices={"method": METHODS}, defaults={
         "forward_passes": 10_000, "out": "experiments/results/pretrained", "mutation_std": 0.0})
-    train, test = digits.load_digits()
+    train, test = load_data(spec)
+    data = "_".join(([] if spec.dataset == "digits" else [spec.dataset])
+                    + ([] if spec.train_size is None else [f"n{spec.train_size}"]))
     specialists = load_or_train(train, spec.hidden, steps=spec.train_steps, init=spec.specialist_init,
-                                seed=spec.specialist_seed, cache=spec.cache)
+                                seed=spec.specialist_seed, cache=spec.cache, data=data)
     info = {
         "train_steps": spec.train_steps,
         "specialist_init": spec.specialist_init if spec.specialist_init == "paper" else f"key {spec.specialist_seed}",

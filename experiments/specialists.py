@@ -2,8 +2,8 @@
 
 Each starts from N(0, 0.01^2) parameters and takes `steps` full-batch Adam steps
 (learning rate 3e-3, softmax cross-entropy over all 10 classes) on the training images
-of its half. Trained once per (init, hidden, steps, lr) and cached with orbax under
-experiments/cache/, so every experiment reuses the same two models.
+of its half. Trained once per (data, init, hidden, steps, lr) and cached with orbax
+under experiments/cache/, so every experiment reuses the same two models.
 
 Which N(0, 0.01^2) draw is used matters a lot for this task (docs/pretrained.md: the
 brute-force baseline ranges from 58 % to 72 % over starting points). `init="paper"`
@@ -47,14 +47,20 @@ def train_specialist(params, x, y, labels, steps: int = 10, learning_rate: float
 
 
 def load_or_train(train, hidden: int, steps: int = 10, learning_rate: float = 3e-3, init: str = "paper",
-                  seed: int = 0, cache: str = CACHE):
-    """[specialist 0-4, specialist 5-9] MLPs, from the orbax cache or trained and cached."""
+                  seed: int = 0, cache: str = CACHE, data: str = ""):
+    """[specialist 0-4, specialist 5-9] MLPs, from the orbax cache or trained and cached.
+
+    data: names the training data in the cache ("" for all of digits' training images,
+    e.g. "mnist_n1000" for MNIST's first 1,000); the MLP's input width is train's.
+    """
     if init not in ("paper", "key"):
         raise ValueError(f"init must be 'paper' or 'key', got {init!r}")
-    sizes = digits.widths(hidden)
+    sizes = digits.widths(hidden, train[0].shape[1])
+    if init == "paper" and sizes[0] != digits.INPUTS:
+        raise ValueError(f"init='paper' draws the paper's 64-input models; these data have {sizes[0]} inputs")
     d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    tag = "paper" if init == "paper" else f"key{seed}"
-    path = os.path.join(cache, f"specialists_{tag}_h{hidden}_s{steps}_lr{learning_rate:g}_flat")
+    tag = ("paper" if init == "paper" else f"key{seed}") + f"_h{hidden}_s{steps}_lr{learning_rate:g}_flat"
+    path = os.path.join(cache, f"specialists_{data}_{tag}" if data else f"specialists_{tag}")
 
     def make():
         starts = initial_flats(init, seed, d)

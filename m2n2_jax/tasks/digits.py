@@ -6,7 +6,8 @@ so nothing is downloaded.
 
 Model: a tuple of `Dense(kernel, bias)` layers, so `ravel_pytree` lays the parameters
 out as W1, b1, W2, b2 like the paper's flat vector, and a split point cuts the same
-coordinates as in the paper's code (D = 19,210 for the paper's widths).
+coordinates as in the paper's code (D = 19,210 for the paper's widths). `inputs`
+widens the first layer for other images (784 for MNIST, tasks.mnist: D = 203,530).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def parity_groups(labels) -> np.ndarray:
     return (np.asarray(labels) % 2 == 0).astype(np.int32)
 
 
-def widths(hidden: int = 256) -> tuple[int, ...]:
-    return (INPUTS, hidden, CLASSES)
+def widths(hidden: int = 256, inputs: int = INPUTS) -> tuple[int, ...]:
+    """Layer widths (inputs, hidden, 10): 64 inputs for digits, 784 for MNIST (tasks.mnist)."""
+    return (inputs, hidden, CLASSES)
 
 
 def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
@@ -62,15 +64,15 @@ def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
     return tuple(layers)
 
 
-def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01) -> tuple[Dense, ...]:
+def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01, inputs: int = INPUTS) -> tuple[Dense, ...]:
     """Every coordinate drawn from N(0, std^2) as one flat vector (SPEC's random seeds)."""
-    sizes = widths(hidden)
+    sizes = widths(hidden, inputs)
     d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     return mlp_from_flat(std * jax.random.normal(key, (d,), jnp.float32), sizes)
 
 
 def mlp_apply(params: Sequence[Dense], x: jax.Array) -> jax.Array:
-    """Logits (M, 10) of inputs x (M, 64); ReLU between layers."""
+    """Logits (M, 10) of inputs x (M, inputs); ReLU between layers."""
     for i, layer in enumerate(params):
         x = x @ layer.kernel + layer.bias
         if i < len(params) - 1:
@@ -79,7 +81,7 @@ def mlp_apply(params: Sequence[Dense], x: jax.Array) -> jax.Array:
 
 
 def classification_scores(params, batch) -> jax.Array:
-    """1.0 where the MLP's argmax equals the label, else 0.0: (M,) for batch (x (M, 64), y (M,))."""
+    """1.0 where the MLP's argmax equals the label, else 0.0: (M,) for batch (x (M, inputs), y (M,))."""
     x, y = batch
     return (jnp.argmax(mlp_apply(params, x), axis=-1) == y).astype(jnp.float32)
 
