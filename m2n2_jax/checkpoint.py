@@ -9,7 +9,9 @@ A checkpoint after `steps` steps holds the full run state:
     shapes and anything the caller adds, e.g. an experiment's command line).
 Orbax writes each checkpoint to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact. The step of a
-checkpoint is the pass count it reached.
+checkpoint is the pass count it reached. With several processes (jax.distributed),
+every process makes the same calls (orbax's are collective): process 0 writes meta and
+logs, each process the state shards it holds.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class Checkpointing:
     """Where and how often `run` checkpoints.
 
     Attributes:
-      directory: the run's checkpoint directory (created if missing).
+      directory: the run's checkpoint directory (created if missing); with several
+        processes, one directory that all of them can read and write.
       every: checkpoint when the pass count crosses a multiple of this (and at the end).
       resume: continue from the latest checkpoint in `directory` if there is one. When
         False, a directory that already holds checkpoints is an error (nothing is
@@ -86,12 +89,16 @@ class Store:
             return None
         return self.manager.latest_step()
 
-    def check_fresh(self) -> None:
-        """A fresh run must not write into a directory holding another run's checkpoints."""
+    def start(self) -> int | None:
+        """The pass count to resume from, or None to start fresh; a fresh run must not
+        write into a directory holding another run's checkpoints. Called once, before
+        anything is saved: every process then sees the same directory, and they all
+        create the orbax manager (a collective) or none does."""
         step = self.latest()
         if step is not None and not self.config.resume:
             raise ValueError(f"{self.config.directory} already holds a checkpoint (pass {step}); "
                              "resume it (resume=True / --resume) or choose another directory")
+        return step
 
     def save(self, passes: int, state, keys: jax.Array, metrics: dict, stamps) -> None:
         logs = {"keys": np.asarray(jax.random.key_data(keys)), "metrics": {k: np.asarray(v) for k, v in metrics.items()},

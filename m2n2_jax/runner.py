@@ -27,7 +27,7 @@ from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
 from m2n2_jax.checks import check_finite_params, check_scores, stack_models, valid_children
 from m2n2_jax.scoring import evaluate, num_points
-from m2n2_jax.sharding import check_mesh, default_mesh, pad_points, to_host
+from m2n2_jax.sharding import check_mesh, default_mesh, from_process_0, pad_points, to_host
 
 
 def step(algorithm: Algorithm, score_fn: Callable, state, key: jax.Array, params, data):
@@ -73,14 +73,16 @@ def best_model_metrics(algorithm: Algorithm, score_fn: Callable) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `run` returns (host NumPy arrays; R runs, L logged points).
+    """What `run` returns (host NumPy arrays but the state; R runs, L logged points).
 
     Attributes:
       passes: (L,) forward passes spent at each logged point.
       metrics: name -> (R, L) values of `metrics_fn` at each logged point (by default
         "train_accuracy" and "test_accuracy" of the best-train model; NaN without test data).
-      state: final algorithm state of every run, stacked (leading axis R).
-      best_params: `algorithm.best` of every run, stacked (leading axis R).
+      state: final algorithm state of every run, stacked (leading axis R): jax Arrays
+        sharded over the mesh's "runs" axis; with several processes (jax.distributed),
+        host NumPy arrays gathered to every process.
+      best_params: `algorithm.best` of every run, stacked (leading axis R), placed like `state`.
       wall_seconds: time of the evolution, compilation included.
       log_wall_seconds: (L,) wall time when each logged point reached the host.
       stopped_by_time_limit: the run stopped before its budget (see `run`'s time_limit).
@@ -152,11 +154,14 @@ def run(
         "data"))`: runs split over "runs", training datapoints over "data" (each device
         scores its slice; scores are gathered). Default: runs over as many devices as
         there are runs, the rest share the datapoints. R and M are padded with copies
-        of the last run / datapoint, dropped from the result.
+        of the last run / datapoint, dropped from the result. After
+        `jax.distributed.initialize()` every process calls `run` alike, and the mesh
+        must hold devices of every process (the default takes the global `jax.devices()`).
       checkpoint: save the whole run with orbax when the pass count crosses a multiple
         of `checkpoint.every` (and at the end); with `resume`, continue from the latest.
-      time_limit: seconds; stop after the first call that ends past it. The result
-        then ends at the passes actually spent, its last point measured there.
+      time_limit: seconds; stop after the first call that ends past it (on process 0's
+        clock). The result then ends at the passes actually spent, its last point measured there.
+      progress: show a progress bar (on process 0 only).
 
     Returns:
       RunResult.
@@ -176,7 +181,7 @@ def run(
         num_points(test_data)
         if jax.tree.structure(test_data) != jax.tree.structure(data):
             raise ValueError("test_data must have the same pytree structure as data")
-    mesh = default_mesh(num_runs) if mesh is None else check_mesh(mesh)
+    mesh = check_mesh(default_mesh(num_runs) if mesh is None else mesh)
     runs_axis, data_axis = mesh.shape["runs"], mesh.shape["data"]
     padded = jnp.concatenate([keys, jnp.repeat(keys[-1:], -num_runs % runs_axis, axis=0)])
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
@@ -211,7 +216,7 @@ def run(
     test_data, params = jax.device_put((test_data, params), replicated)
     if shared:
         seeds = jax.device_put(seeds, replicated)
-    store = None
+    store, resumed_at = None, None
     if checkpoint is not None:
         store = Store(checkpoint, {
             "algorithm": _describe(algorithm), "params": _digest(params), "forward_passes": int(forward_passes),
@@ -219,7 +224,7 @@ def run(
             "runs_padded_to": int(padded.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
             "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(template)],
         })
-        store.check_fresh()
+        resumed_at = store.start()
 
     t0 = time.perf_counter()
     state, seed_scores, metrics0 = _start(seeds, init_keys, params, data, test_data, **statics)
@@ -227,14 +232,14 @@ def run(
     logs = {k: [to_host(v)[:, None]] for k, v in metrics0.items()}
     stamps = [np.full(1, time.perf_counter() - t0)]
     done = 0
-    resumed_at = store.latest() if store is not None and checkpoint.resume else None
     if resumed_at is not None:
         done = (resumed_at - num_seeds) // pop
         state, restored, wall = store.restore(resumed_at, state, padded, list(logs), done + 1)
         logs, stamps = {k: [v] for k, v in restored.items()}, [wall]
         t0 = time.perf_counter() - wall[-1]
     saved = resumed_at
-    bar = tqdm(total=num_runs * (num_seeds + num_steps * pop), unit="pass", disable=not progress,
+    bar = tqdm(total=num_runs * (num_seeds + num_steps * pop), unit="pass",
+               disable=not progress or jax.process_index() != 0,
                desc=type(algorithm).__name__)
     bar.update(num_runs * (num_seeds + done * pop))
     stopped = False
@@ -254,6 +259,7 @@ def run(
         done += count
         passes = num_seeds + done * pop
         stopped = time_limit is not None and done < num_steps and time.perf_counter() - t0 >= time_limit
+        stopped = stopped if time_limit is None else from_process_0(stopped)  # processes stop together
         if store is not None and (stopped or passes // checkpoint.every > (passes - count * pop) // checkpoint.every):
             store.save(passes, state, padded, {k: np.concatenate(v, axis=1) for k, v in logs.items()},
                        np.concatenate(stamps))
@@ -274,11 +280,14 @@ def run(
             logs[k][:, -1] = to_host(v)
     best_params = _best(state, algorithm=algorithm, mesh=mesh)
     jax.block_until_ready(best_params)
+    # With several processes, no process can read the sharded arrays: gather them.
+    gather = to_host if jax.process_count() > 1 else (lambda x: x)
+    state, best_params = jax.tree.map(lambda x: gather(x)[:num_runs], (state, best_params))
     return RunResult(
         passes=passes[mask],
         metrics={k: v[:num_runs, mask] for k, v in logs.items()},
-        state=jax.tree.map(lambda x: x[:num_runs], state),
-        best_params=jax.tree.map(lambda x: x[:num_runs], best_params),
+        state=state,
+        best_params=best_params,
         wall_seconds=time.perf_counter() - t0,
         log_wall_seconds=np.concatenate(stamps)[mask],
         stopped_by_time_limit=stopped,

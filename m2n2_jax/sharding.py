@@ -4,8 +4,9 @@ Runs (seeds) are split over the "runs" axis; the training datapoints
 over the "data" axis, each device scoring its slice of every model and the
 per-datapoint scores gathered (M floats per model). Parameters are replicated over
 "data". The same code runs on one device, many devices of one host, and, after
-`jax.distributed.initialize()`, the devices of many hosts (`jax.devices()` is then
-global).
+`jax.distributed.initialize()`, the devices of many processes (`jax.devices()` is then
+global). Every process then runs the same program on its own devices, so a mesh must
+hold devices of every process, and values leave the devices gathered to every process.
 """
 
 from __future__ import annotations
@@ -34,9 +35,16 @@ def runs_axis_size(num_runs: int, num_devices: int) -> int:
 
 
 def check_mesh(mesh: Mesh) -> Mesh:
+    """The mesh with Auto axes; ValueError unless its axes are AXES and it holds
+    devices of every process (a process without one would wait forever in the
+    others' collectives, or fail on arrays it cannot read)."""
     if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
         raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES}, e.g. "
                          f"jax.make_mesh((runs, data), {AXES}); got {mesh!r}")
+    present = sorted({d.process_index for d in mesh.devices.flat})
+    if len(present) != jax.process_count():
+        raise ValueError(f"mesh holds devices of process(es) {present} only, but {jax.process_count()} processes run "
+                         "this program: build the mesh over the global jax.devices(), not jax.local_devices()")
     # jax.make_mesh gives Explicit axes by default, under which shard_map refuses the
     # runner's unplaced inputs; the runner places its arrays itself (Auto axes).
     return Mesh(mesh.devices, AXES)
@@ -55,7 +63,15 @@ def pad_points(data, multiple: int):
 
 
 def to_host(x) -> np.ndarray:
-    """A NumPy copy of a possibly multi-host array (gathered from every process)."""
+    """A NumPy copy of a possibly multi-process array (gathered from every process)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def from_process_0(flag: bool) -> bool:
+    """Process 0's value of a host-side decision (e.g. a time limit read on its own
+    clock), in every process: they must all leave a loop of collectives together."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
