@@ -1,8 +1,15 @@
 """Seconds per forward pass and peak memory of M2N2 vs CMA-ES vs Sep-CMA-ES as D grows.
 
     python benchmarks/cost_scaling.py [--hidden 16 32 64 128 256 512] [--timeout 900]
+    python benchmarks/cost_scaling.py --mnist      # the MNIST MLP's D = 203,530
 
-D = 75 * hidden + 10 for the digits MLP (hidden 256: D = 19,210). Each (method, width)
+D = 75 * hidden + 10 for the digits MLP (hidden 256: D = 19,210). --mnist instead
+times the MNIST MLP 784 -> 256 -> 10 (`digits.mlp_from_flat`) on random inputs of the
+digits' size (1,437 training and 360 test images of 784 uniform pixels, random labels:
+the cost per pass does not depend on the data), M2N2 and Sep-CMA-ES only; for CMA-ES
+it records the memory its state would need (C and B, two D x D float32 matrices)
+instead of running it. Rows of other widths already in OUT/cost_scaling.json are kept
+(a rerun replaces only the rows it measures). Each (method, width)
 runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. The
 time per pass excludes compilation: after a warm-up call, two budgets are run in the
 same process and the difference is divided by the difference in passes (the seeds'
@@ -28,15 +35,39 @@ METHODS = ("m2n2", "sep-cma-es", "cma-es")
 POPULATION = 20  # ES models per generation
 
 
-def measure(method: str, hidden: int, generations: tuple[int, int]) -> dict:
+MNIST_SIZES = (784, 256, 10)
+
+
+def mnist_like(key, hidden: int):
+    """(train, test, init): random data of the digits' sizes with 784 inputs, and the
+    MNIST MLP's seed initialiser (every coordinate N(0, 0.01^2), like `init_mlp`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from m2n2_jax.tasks import digits
+
+    sizes = (MNIST_SIZES[0], hidden, MNIST_SIZES[-1])
+    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    keys = jax.random.split(key, 4)
+    data = [(jax.random.uniform(kx, (m, sizes[0]), jnp.float32), jax.random.randint(ky, (m,), 0, sizes[-1]))
+            for m, kx, ky in ((1437, keys[0], keys[1]), (360, keys[2], keys[3]))]
+    init = lambda k: digits.mlp_from_flat(0.01 * jax.random.normal(k, (d,), jnp.float32), sizes)
+    return data[0], data[1], init
+
+
+def measure(method: str, hidden: int, generations: tuple[int, int], mnist: bool = False) -> dict:
     """In this process: seconds per pass and the process's peak memory."""
     import jax
 
     import m2n2_jax as mj
     from m2n2_jax.tasks import digits, methods
 
-    train, test = digits.load_digits()
-    template = digits.init_mlp(jax.random.key(0), hidden)
+    if mnist:
+        train, test, init = mnist_like(jax.random.key(1), hidden)
+    else:
+        train, test = digits.load_digits()
+        init = lambda k: digits.init_mlp(k, hidden)
+    template = init(jax.random.key(0))
     d = mj.num_params(template)
     passes = [POPULATION * g for g in generations]
     budgets = [passes[0]] + passes  # the first call warms up (one-time costs) and is dropped
@@ -44,7 +75,7 @@ def measure(method: str, hidden: int, generations: tuple[int, int]) -> dict:
     # the ES from one (sigma_0 = 0.01, a population of 20 per step); seeds cost S passes.
     num_seeds = 2 if method == "m2n2" else 1
     algorithm, params = methods.make_method(method, methods.Settings(population=POPULATION, template=template))
-    seed_fn = lambda key: jax.vmap(lambda k: digits.init_mlp(k, hidden))(jax.random.split(key, num_seeds))
+    seed_fn = lambda key: jax.vmap(init)(jax.random.split(key, num_seeds))
     steps_per_call = POPULATION if method == "m2n2" else 1  # the same compiled call for both budgets
     keys = jax.random.key(42)[None]
     walls = []
@@ -55,8 +86,8 @@ def measure(method: str, hidden: int, generations: tuple[int, int]) -> dict:
     walls = walls[1:]
     seconds = (walls[1] - walls[0]) / (passes[1] - passes[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "hidden": hidden, "num_params": d, "seconds_per_pass": seconds,
-            "peak_rss_bytes": peak, "walls": walls, "passes": passes}
+    return {"method": method, "inputs": MNIST_SIZES[0] if mnist else digits.INPUTS, "hidden": hidden,
+            "num_params": d, "seconds_per_pass": seconds, "peak_rss_bytes": peak, "walls": walls, "passes": passes}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -91,42 +122,65 @@ def main(argv=None) -> None:
                    help="the two budgets, in generations of 20 passes, whose difference is timed")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per (method, width)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--mnist", action="store_true", help="the MNIST MLP 784 -> 256 -> 10 instead of --hidden")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "HIDDEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), tuple(args.generations))))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), tuple(args.generations), args.mnist)))
         return
     os.makedirs(args.out, exist_ok=True)
+    inputs = MNIST_SIZES[0] if args.mnist else 64
     rows, skip = [], set()
-    for hidden in sorted(args.hidden):
+    for hidden in [MNIST_SIZES[1]] if args.mnist else sorted(args.hidden):
+        d = (inputs + 1) * hidden + (hidden + 1) * 10
         for method in args.methods:
             if method in skip:
-                rows.append({"method": method, "hidden": hidden, "skipped": "a smaller width timed out"})
+                rows.append({"method": method, "inputs": inputs, "hidden": hidden, "skipped": "a smaller width timed out"})
+                continue
+            if args.mnist and method == "cma-es":  # C and B: two D x D float32 matrices
+                rows.append({"method": method, "inputs": inputs, "hidden": hidden, "num_params": d,
+                             "not_run": "its state alone would not fit in memory", "state_bytes_c_and_b": 2 * 4 * d * d})
+                print(f"{method:<11} D {d:>7}  not run: C and B need {2 * 4 * d * d / 1e9:.0f} GB", flush=True)
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(hidden),
-                   "--generations", *map(str, args.generations)]
+                   "--generations", *map(str, args.generations)] + (["--mnist"] if args.mnist else [])
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
-                row = {"method": method, "hidden": hidden, "timed_out_seconds": args.timeout}
+                row = {"method": method, "inputs": inputs, "hidden": hidden, "timed_out_seconds": args.timeout}
                 skip.add(method)
             except subprocess.CalledProcessError as e:
-                row = {"method": method, "hidden": hidden, "failed": e.stderr.strip().splitlines()[-1:]}
+                row = {"method": method, "inputs": inputs, "hidden": hidden,
+                       "failed": e.stderr.strip().splitlines()[-1:]}
                 skip.add(method)
             rows.append(row)
             shown = (f"{row['seconds_per_pass'] * 1e3:9.3f} ms/pass  {row['peak_rss_bytes'] / 2**30:6.2f} GiB"
                      if "seconds_per_pass" in row else json.dumps({k: v for k, v in row.items()
-                                                                  if k not in ("method", "hidden")}))
-            print(f"{method:<11} hidden {hidden:>4}  D {row.get('num_params', 75 * hidden + 10):>7}  {shown}",
-                  flush=True)
+                                                                  if k not in ("method", "inputs", "hidden")}))
+            print(f"{method:<11} hidden {hidden:>4}  D {d:>7}  {shown}", flush=True)
             if "seconds_per_pass" in row:
-                with open(os.path.join(args.out, "cost_scaling.json"), "w") as f:
-                    json.dump({"rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "cost_scaling.json"), "w") as f:
+                save(rows, args.out)
+    save(rows, args.out, final=True)
+
+
+def save(rows: list[dict], out: str, final: bool = False) -> None:
+    """Write OUT/cost_scaling.json: the rows already there that `rows` does not measure
+    again (same method, inputs and hidden width), then `rows`; plot them at the end."""
+    path = os.path.join(out, "cost_scaling.json")
+    key = lambda r: (r["method"], r.get("inputs", 64), r["hidden"])
+    old = json.load(open(path))["rows"] if os.path.exists(path) else []
+    new = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new] + rows
+    record = {"rows": merged}
+    if final:
         import jax
-        json.dump({"rows": rows, "jax_version": jax.__version__, "cores": os.cpu_count()}, f, indent=1)
-    plot(rows, os.path.join(args.out, "cost_scaling.png"))
+
+        record.update(jax_version=jax.__version__, cores=os.cpu_count())
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    if final:
+        plot(merged, os.path.join(out, "cost_scaling.png"))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
 """Peak memory and time of one split-point slerp merge of two 1e8-parameter models.
 
-    python benchmarks/merge_memory.py [--params 100000000] [--leaves 24] [--repeats 5]
+    python benchmarks/merge_memory.py [--params 100000000] [--leaves 24] [--repeats 5] [--rounds 3]
 
 Each variant runs in its own subprocess on one device with two float32 parent pytrees
 of --params parameters in --leaves leaves of mixed shapes:
-  split_point_slerp   m2n2_jax.split_point_slerp (leaf-wise, the library's merge)
+  split_point_slerp   m2n2_jax.split_point_slerp (leaf-wise, the library's merge): per
+                      leaf three float32 reductions (dot, |a|^2, |b|^2), then the merge
+  one_pass            the same merge, the three reductions of a leaf as ONE variadic
+                      `lax.reduce` (one loop over the leaf in the compiled program;
+                      on XLA:CPU a sequential float32 sum: see its reduction error)
+  norms_known         the same merge given |a|^2 and |b|^2 (as if the archive stored
+                      each model's squared norm): only the dot product is reduced
   elementwise         a * x + b * y over the same pytrees (the floor: read 2, write 1)
   flat_ravel          the same merge on ravel_pytree vectors, unraveled back (what a
                       concatenated-vector implementation does)
+The variants run in --rounds rounds (each round every variant once, in order, each in a
+fresh process), so a load on the machine hits them alike; the time ratios to the
+elementwise merge are taken within each round, and their median and range reported.
+Each variant's child is checked against the library's (max |difference|), and the
+float32 reductions of the library and of one_pass against float64 (relative errors).
 Peak memory is sampled from the process's resident set every millisecond during the
 merge calls; "extra" is the peak above the resident set just before the first call
 (the parents, compiled code and runtime already counted), so
@@ -34,8 +45,10 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("split_point_slerp", "elementwise", "flat_ravel")
+VARIANTS = ("split_point_slerp", "one_pass", "norms_known", "elementwise", "flat_ravel")
 
 
 def rss() -> int:
@@ -60,6 +73,61 @@ def shapes(total: int, leaves: int) -> list[tuple[int, ...]]:
     return out + [(left,)]
 
 
+def merge_with(reductions):
+    """The library's split-point slerp (one group) with the angle from `reductions(a,
+    b) -> (dot, |a|^2, |b|^2)`: the variants differ only in how they reduce."""
+    import jax
+    import jax.numpy as jnp
+
+    def merge(a, b, w, k, *known):
+        dot, aa, bb = reductions(a, b, *known)
+        norm = jnp.sqrt(aa) * jnp.sqrt(bb)
+        cos = jnp.clip(dot / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
+        omega = jnp.arccos(cos)
+        sin = jnp.sin(omega)
+        linear = (sin < 1e-6) | (norm == 0)
+        safe_sin = jnp.where(linear, 1.0, sin)
+        ws = jnp.stack([w, 1.0 - w])
+        (ca_lo, ca_hi) = jnp.where(linear, 1.0 - ws, jnp.sin((1.0 - ws) * omega) / safe_sin)
+        (cb_lo, cb_hi) = jnp.where(linear, ws, jnp.sin(ws * omega) / safe_sin)
+        out, offset = {}, 0
+        for name in a:
+            x, y = a[name], b[name]
+            index = offset + jax.lax.iota(jnp.int32, x.size).reshape(x.shape)
+            before = index < k
+            out[name] = jnp.where(before, ca_lo, ca_hi) * x + jnp.where(before, cb_lo, cb_hi) * y
+            offset += x.size
+        return out
+
+    return merge
+
+
+def one_pass_reductions(a, b):
+    import jax
+    import jax.numpy as jnp
+
+    zero = jnp.float32(0)
+    add3 = lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2])
+    parts = [jax.lax.reduce((x * y, x * x, y * y), (zero,) * 3, add3, tuple(range(x.ndim)))
+             for x, y in zip(a.values(), b.values())]
+    return tuple(sum(p[i] for p in parts) for i in range(3))
+
+
+def library_reductions(a, b):
+    """What split_point_slerp reduces (per leaf float32 vdots, summed over leaves)."""
+    import jax.numpy as jnp
+
+    pairs = list(zip(a.values(), b.values()))
+    return (sum(jnp.vdot(x, y) for x, y in pairs), sum(jnp.vdot(x, x) for x, _ in pairs),
+            sum(jnp.vdot(y, y) for _, y in pairs))
+
+
+def dot_only_reductions(a, b, aa, bb):
+    import jax.numpy as jnp
+
+    return sum(jnp.vdot(x, y) for x, y in zip(a.values(), b.values())), aa, bb
+
+
 def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -82,6 +150,13 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
     if variant == "split_point_slerp":
         fn = jax.jit(mj.split_point_slerp)
         args = (a, b, ratio, split)
+    elif variant == "one_pass":
+        fn = jax.jit(merge_with(one_pass_reductions))
+        args = (a, b, ratio, split)
+    elif variant == "norms_known":
+        fn = jax.jit(merge_with(dot_only_reductions))
+        squared_norms = jax.jit(lambda t: sum(jnp.vdot(x, x) for x in t.values()))
+        args = (a, b, ratio, split, squared_norms(a), squared_norms(b))
     elif variant == "elementwise":
         fn = jax.jit(lambda a, b, w, k: jax.tree.map(lambda x, y: (1 - w) * x + w * y, a, b))
         args = (a, b, ratio, split)
@@ -122,6 +197,18 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
     stop.set()
     sampler.join()
     extra = peak[0] - base
+    library = jax.jit(mj.split_point_slerp)(a, b, ratio, split)
+    child = compiled(*args)
+    difference = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(child), jax.tree.leaves(library)))
+    del library, child
+    reduction_error = None  # of (dot, |a|^2, |b|^2) against float64, where the variant reduces all three
+    if variant in ("split_point_slerp", "one_pass"):
+        got = np.array(jax.jit(one_pass_reductions if variant == "one_pass" else library_reductions)(a, b), np.float64)
+        exact = np.zeros(3)
+        for x, y in zip(a.values(), b.values()):
+            x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+            exact += (x @ y, x @ x, y @ y)
+        reduction_error = (np.abs(got - exact) / np.abs(exact)).tolist()
     return {
         "variant": variant,
         "params": total,
@@ -133,6 +220,8 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
         "xla_multiple": None if xla_bytes is None else xla_bytes / model_bytes,
         "seconds_per_merge": float(np.median(times)),
         "times": times,
+        "max_abs_difference_vs_library": difference,
+        "reduction_relative_error": reduction_error,
     }
 
 
@@ -171,7 +260,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=int, default=100_000_000)
     p.add_argument("--leaves", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed merges per process (median kept)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per variant, interleaved")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--archive-params", type=int, default=10_000_000)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -179,34 +270,54 @@ def main(argv=None) -> dict:
     if args.one:
         print("RESULT" + json.dumps(measure(args.one, args.params, args.leaves, args.repeats)))
         return {}
-    rows = []
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--one", variant, "--params", str(args.params),
-               "--leaves", str(args.leaves), "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{variant} failed:\n{proc.stderr[-2000:]}")
-        rows.append(json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:]))
-        print(f"{variant}: {rows[-1]['peak_multiple']:.2f}x model, {rows[-1]['seconds_per_merge']:.3f} s", flush=True)
-    by = {r["variant"]: r for r in rows}
+    if "elementwise" not in args.variants:
+        raise SystemExit("error: --variants must include elementwise (the ratios' denominator)")
+    rounds = []
+    for r in range(args.rounds):
+        rows = {}
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--one", variant, "--params", str(args.params),
+                   "--leaves", str(args.leaves), "--repeats", str(args.repeats)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{variant} failed:\n{proc.stderr[-2000:]}")
+            rows[variant] = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+            print(f"round {r + 1}, {variant}: {rows[variant]['peak_multiple']:.2f}x model, "
+                  f"{rows[variant]['seconds_per_merge']:.3f} s", flush=True)
+        rounds.append(rows)
+    summary = {}
+    for variant in args.variants:
+        ratios = [rows[variant]["seconds_per_merge"] / rows["elementwise"]["seconds_per_merge"] for rows in rounds]
+        pick = lambda key: float(np.median([rows[variant][key] for rows in rounds]))
+        summary[variant] = {
+            "seconds_per_merge": pick("seconds_per_merge"), "peak_multiple": pick("peak_multiple"),
+            "xla_multiple": rounds[0][variant]["xla_multiple"],
+            "max_abs_difference_vs_library": max(rows[variant]["max_abs_difference_vs_library"] for rows in rounds),
+            "reduction_relative_error": rounds[0][variant]["reduction_relative_error"],
+            "time_ratio_vs_elementwise": float(np.median(ratios)), "time_ratios_per_round": ratios}
     import jax
     step = archive_step(args.archive_params)
     record = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
         "jax_version": jax.__version__,
-        "rows": rows,
+        "params": args.params, "leaves": args.leaves, "repeats": args.repeats, "rounds": args.rounds,
+        "summary": summary,
+        "rows": [row for rows in rounds for row in rows.values()],
         "archive_step": step,
-        "time_ratio_vs_elementwise": by["split_point_slerp"]["seconds_per_merge"] / by["elementwise"]["seconds_per_merge"],
-        "flat_time_ratio_vs_elementwise": by["flat_ravel"]["seconds_per_merge"] / by["elementwise"]["seconds_per_merge"],
     }
-    lines = [f"{args.params:,} float32 parameters in {args.leaves} leaves ({rows[0]['model_bytes'] / 2**20:.0f} MiB "
-             f"per model); {record['machine']}, jax {jax.__version__}",
-             f"{'variant':<20}{'peak (x model)':>16}{'XLA (x model)':>15}{'s / merge':>11}"]
-    for r in rows:
-        xla = "-" if r["xla_multiple"] is None else f"{r['xla_multiple']:.2f}"
-        lines.append(f"{r['variant']:<20}{r['peak_multiple']:>16.2f}{xla:>15}{r['seconds_per_merge']:>11.3f}")
-    lines.append(f"time ratio split_point_slerp / elementwise: {record['time_ratio_vs_elementwise']:.2f} "
-                 f"(flat_ravel / elementwise: {record['flat_time_ratio_vs_elementwise']:.2f})")
+    model_mib = rounds[0]["elementwise"]["model_bytes"] / 2**20
+    lines = [f"{args.params:,} float32 parameters in {args.leaves} leaves ({model_mib:.0f} MiB per model); "
+             f"{record['machine']}, jax {jax.__version__}; {args.rounds} rounds of one process per variant "
+             f"(medians; ratio range over rounds)",
+             f"{'variant':<20}{'peak (x model)':>16}{'XLA (x model)':>15}{'s / merge':>11}"
+             f"{'/ elementwise':>15}{'range':>14}{'max |diff|':>12}{'|a|^2 rel. error':>18}"]
+    for variant, row in summary.items():
+        xla = "-" if row["xla_multiple"] is None else f"{row['xla_multiple']:.2f}"
+        spread = f"{min(row['time_ratios_per_round']):.2f}-{max(row['time_ratios_per_round']):.2f}"
+        lines.append(f"{variant:<20}{row['peak_multiple']:>16.2f}{xla:>15}{row['seconds_per_merge']:>11.3f}"
+                     f"{row['time_ratio_vs_elementwise']:>15.2f}{spread:>14}"
+                     f"{row['max_abs_difference_vs_library']:>12.1e}"
+                     f"{'-' if row['reduction_relative_error'] is None else format(row['reduction_relative_error'][1], '.1e'):>18}")
     lines.append(f"one donated M2N2 step (ask + tell) on an archive of {step['archive_size']} x "
                  f"{step['params']:,} params: arguments {step['argument_multiple']:.2f}x model, "
                  f"aliased (updated in place) {step['alias_multiple']:.2f}x, temporaries {step['temp_multiple']:.2f}x")

@@ -7,12 +7,15 @@ Run it from the repository root (`-m`: it imports `experiments.harness` and
 device per core (`harness.use_cpu_devices`), and the fastest of each is compared.
 (a) the fastest bare jitted forward of the digits MLP over the 1,437 training images
     for `runs` models (vmap and lax.map over models);
-(a+noise) the same plus drawing the D = 19,210 mutation normals per pass, the floor
-    of any from-scratch implementation that uses JAX's PRNG;
+(a+noise) the same plus drawing the D = 19,210 mutation normals per pass with each
+    `M2N2.mutation_rng` (threefry2x32, the default, and the faster PRNGs), the floor
+    of any from-scratch implementation that uses that PRNG;
 (b) `m2n2_jax.run`: the full loop, `runs` seeds in one compiled call (split over the
     mesh's "runs" axis, lax.map on each device), default logging (every 100 passes),
-    from scratch (mutation) and without mutation (pre-trained setting); and, for
-    reference, `jit(vmap(mj.evolve))` over the seeds on one device (no logging);
+    from scratch (mutation, with each mutation RNG) and without mutation (pre-trained
+    setting), all compiled first, then timed side by side in --rounds rounds (the best
+    of each kept); and, for reference, `jit(vmap(mj.evolve))` over the seeds on one
+    device (no logging);
 (c) a naive per-step Python loop (benchmarks/naive_m2n2.py), one seed.
 Then what the API's split into a static algorithm and traced `mj.Params` buys:
 (d) compilation reuse: a second `mj.run` call with a new but equal `mj.M2N2(...)`
@@ -22,8 +25,8 @@ Then what the API's split into a static algorithm and traced `mj.Params` buys:
     `jit(vmap(mj.evolve))` over `mj.Params`, timed against the same runs one by one
     (`--alphas` calls of the jitted unbatched `mj.evolve`, and `--alphas` calls of
     `mj.run`), all on one device, compilation excluded (and reported apart).
-Prints passes per second, (b)/(a), our speed-up over (c), (d) and (e), and writes
-OUT/throughput.json (with `harness.machine()`).
+Prints passes per second, (b)/(a) (for each mutation RNG), our speed-up over (c), (d)
+and (e), and writes OUT/throughput.json (with `harness.machine()`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from jax.sharding import Mesh, PartitionSpec  # noqa: E402
 
 import m2n2_jax as mj  # noqa: E402
 from benchmarks.naive_m2n2 import naive_run  # noqa: E402
+from m2n2_jax.mutation import MUTATION_RNGS  # noqa: E402
 from m2n2_jax.tasks import digits  # noqa: E402
 
 AXES = ("runs", "data")
@@ -94,10 +98,11 @@ def main(argv=None):
     p.add_argument("--alphas", type=int, default=8, help="alpha values of the sweep (e)")
     p.add_argument("--hidden", type=int, default=256, help="MLP hidden width (D = 75 * hidden + 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each bare forward (a), best kept")
+    p.add_argument("--rounds", type=int, default=2, help="timed runs of each loop (b), side by side, best kept")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    if args.runs < 1 or args.passes < 3 or args.naive_passes < 3 or args.alphas < 1 or args.repeats < 1:
-        raise SystemExit("error: --runs, --alphas and --repeats must be >= 1, --passes and --naive-passes >= 3")
+    if min(args.runs, args.alphas, args.repeats, args.rounds) < 1 or args.passes < 3 or args.naive_passes < 3:
+        raise SystemExit("error: --runs, --alphas, --repeats and --rounds must be >= 1, --passes and --naive-passes >= 3")
     counter = CompileCounter()
 
     train, test = digits.load_digits()
@@ -137,10 +142,11 @@ def main(argv=None):
     reps = 50
 
     def bare(batch, devs, noise):
+        """noise: None, or the mutation RNG drawing the noise of every pass."""
         def per_device(models, data, key):
             def one(m, k, i):
                 if noise:
-                    m = mj.gaussian_mutation(k, m, 0.01)
+                    m = mj.gaussian_mutation(k, m, 0.01, noise)
                 else:  # a different model every pass, so XLA cannot hoist the forward
                     m = jax.tree.map(lambda x: x + 1e-9 * i.astype(x.dtype), m)
                 return score_fn(m, data).sum()
@@ -161,25 +167,29 @@ def main(argv=None):
             notes.append(f"(a) on {dev_label} skipped: --runs {args.runs} is not a multiple of {len(devs)}")
             continue
         for name, batch in batches.items():
-            f = bare(batch, devs, noise=False)
+            f = bare(batch, devs, noise=None)
             rows[f"(a) bare forward, {name} over models, {dev_label}"] = reps * args.runs / time_call(
                 f, models, train, jax.random.key(2), repeats=args.repeats)
-        f = bare(jax.lax.map, devs, noise=True)
-        rows[f"(a+noise) bare forward + mutation noise, lax.map, {dev_label}"] = reps * args.runs / time_call(
-            f, models, train, jax.random.key(2), repeats=args.repeats)
+        for rng in MUTATION_RNGS:
+            f = bare(jax.lax.map, devs, noise=rng)
+            rows[f"(a+noise) bare forward + mutation noise ({rng}), lax.map, {dev_label}"] = (
+                reps * args.runs / time_call(f, models, train, jax.random.key(2), repeats=args.repeats))
 
-    # (b) the full loop through the public API (compiled by a short run, then timed).
+    # (b) the full loop through the public API (each compiled by a short run, then
+    # timed side by side: every variant once per round, the best round kept).
     per_call = min(500, steps)
+    loops = [("from scratch", mj.M2N2(mutation=True)), ("no mutation", mj.M2N2(mutation=False))] + [
+        (f"from scratch ({rng})", mj.M2N2(mutation=True, mutation_rng=rng)) for rng in MUTATION_RNGS[1:]]
     for dev_label, devs in device_sets:
         mesh = jax.make_mesh((len(devs), 1), AXES, devices=devs)
-        for label, mutation in [("from scratch", True), ("no mutation", False)]:
-            algorithm = mj.M2N2(mutation=mutation)
-            run = lambda passes: mj.run(algorithm, keys, score_fn, train, passes, seed_fn=seed_fn, test_data=test,
-                                        mesh=mesh, steps_per_call=per_call, progress=False)
-            run(2 + per_call)  # compiles the same program (per_call steps per call)
-            result = run(args.passes)
-            rows[f"(b) m2n2_jax.run, {label}, lax.map over seeds, {dev_label}"] = (
-                args.runs * args.passes / result.wall_seconds)
+        run = lambda algorithm, passes: mj.run(algorithm, keys, score_fn, train, passes, seed_fn=seed_fn,
+                                               test_data=test, mesh=mesh, steps_per_call=per_call, progress=False)
+        for _, algorithm in loops:
+            run(algorithm, 2 + per_call)  # compiles the same program (per_call steps per call)
+        for _ in range(args.rounds):
+            for label, algorithm in loops:
+                name = f"(b) m2n2_jax.run, {label}, lax.map over seeds, {dev_label}"
+                rows[name] = max(rows.get(name, 0.0), args.runs * args.passes / run(algorithm, args.passes).wall_seconds)
 
     # (b) for reference: vmap over the seeds of one device, no logging, no validation.
     algorithm = mj.M2N2(mutation=True)
@@ -249,11 +259,13 @@ def main(argv=None):
 
     best = lambda prefix: max(v for k, v in rows.items() if k.startswith(prefix))
     bare_best = best("(a) ")
-    loop = best("(b) m2n2_jax.run, from scratch")
+    loop = best("(b) m2n2_jax.run, from scratch,")
     summary = {
         "ratio_loop_over_bare_forward": loop / bare_best,
         "ratio_loop_no_mutation_over_bare_forward": best("(b) m2n2_jax.run, no mutation") / bare_best,
-        "ratio_loop_over_bare_forward_plus_noise": loop / best("(a+noise)"),
+        "ratio_loop_over_bare_forward_plus_noise": loop / best("(a+noise) bare forward + mutation noise (threefry2x32)"),
+        **{f"ratio_loop_{rng}_over_bare_forward": best(f"(b) m2n2_jax.run, from scratch ({rng})") / bare_best
+           for rng in MUTATION_RNGS[1:]},
         "ratio_loop_over_bare_forward_1_device": (best("(b) m2n2_jax.run, from scratch, lax.map over seeds, 1 device")
                                                   / best("(a) bare forward, lax.map over models, 1 device")),
         "speedup_over_naive_loop": loop / rows["(c) naive Python loop (1 seed, host sampling)"],

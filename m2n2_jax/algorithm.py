@@ -23,7 +23,7 @@ from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
 from m2n2_jax.merge import group_sizes, leaf_groups, slerp, split_point_slerp
-from m2n2_jax.mutation import gaussian_mutation
+from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
 from m2n2_jax.task_vectors import add_task_vector, rescale_groups, scale_groups, task_vector, union_norms
 
@@ -97,6 +97,17 @@ class M2N2(Algorithm):
         orthogonal parents at w = 1/2) and "union" rescales each group of the merge
         to `task_vectors.union_norms` of the parents (|tau_a + tau_b| for orthogonal
         ones, the parents' norm for equal ones), before the log-normal magnitude.
+      mutation_rng: the JAX PRNG implementation the mutation noise is drawn with (one
+        of `mutation.MUTATION_RNGS`; its key derived from the step key). The default
+        "threefry2x32" is JAX's; "threefry4x32" draws the D normals about 10x
+        faster on CPU; so does "rbg", with caveats
+        (docs/throughput.md, "Mutation RNG").
+      children_per_step: P, the children of one `ask` (the population size): each
+        drawn independently from the same archive (its own parents, ratio, split
+        point and noise, from `jax.random.split(key, P)`; P = 1 uses `key` itself),
+        then told one after another. P > 1 shares a step's fixed work (fitness of
+        the archive, the loop) among P children; the archive then changes only every
+        P children (docs/throughput.md, "Children per step").
     """
 
     archive_size: int = 20
@@ -109,6 +120,8 @@ class M2N2(Algorithm):
     groups: Callable[[str], Hashable] | None = None
     task_vectors: bool = False
     task_vector_norm: str = "merge"
+    mutation_rng: str = "threefry2x32"
+    children_per_step: int = 1
 
     def __post_init__(self):
         if self.task_vector_norm not in TASK_VECTOR_NORMS:
@@ -119,6 +132,14 @@ class M2N2(Algorithm):
             raise ValueError(f"capacity_rule must be one of {CAPACITY_RULES}, got {self.capacity_rule!r}")
         if self.groups is not None and not callable(self.groups):
             raise ValueError(f"groups must be a function of a leaf path, got {self.groups!r}")
+        if self.mutation_rng not in MUTATION_RNGS:
+            raise ValueError(f"mutation_rng must be one of {MUTATION_RNGS}, got {self.mutation_rng!r}")
+        if not isinstance(self.children_per_step, int) or self.children_per_step < 1:
+            raise ValueError(f"children_per_step must be an int >= 1, got {self.children_per_step!r}")
+
+    @property
+    def population_size(self) -> int:
+        return self.children_per_step
 
     def default_params(self) -> Params:
         return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6),
@@ -146,16 +167,28 @@ class M2N2(Algorithm):
         return self.tell(key, state, seed_models, seed_scores, params)
 
     def ask(self, key, state: Archive, params: Params):
-        """Sample parents, merge them, mutate: one child, stacked (1, ...).
+        """Sample parents, merge them, mutate: P = `children_per_step` children,
+        stacked (P, ...), each from the same archive with its own key.
 
-        During warm-up (the first `params.warmup` asks) both parents are drawn
+        `state.asked` counts children: child i of this ask is in warm-up while
+        state.asked + i < `params.warmup`, and then both its parents are drawn
         uniformly among the occupied slots, distinct when two or more are occupied.
         """
+        p = self.children_per_step
+        if p == 1:
+            children = jax.tree.map(lambda x: x[None], self.child(key, state, state.asked, params))
+        else:
+            children = jax.vmap(lambda k, asked: self.child(k, state, asked, params))(
+                jax.random.split(key, p), state.asked + jnp.arange(p, dtype=state.asked.dtype))
+        return children, state.replace(asked=state.asked + p)
+
+    def child(self, key, state: Archive, asked, params: Params):
+        """One child (unstacked) of the archive `state`; `asked` is its warm-up count."""
         key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
         per_point, fitness = self.fitness(state.scores, state.occupied, params)
         if self.crossover:
             a, b = sample_parents(key_parents, per_point, fitness, state.occupied, self.attraction)
-            a, b = jax.lax.cond(state.asked < params.warmup, lambda: uniform_pair(key_parents, state.occupied),
+            a, b = jax.lax.cond(asked < params.warmup, lambda: uniform_pair(key_parents, state.occupied),
                                 lambda: (a, b))  # a branch: no cost after warm-up (unless vmapped)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
             if self.task_vectors:
@@ -173,8 +206,8 @@ class M2N2(Algorithm):
             child = scale_groups(jax.random.fold_in(key_noise, 1), child, params.magnitude_std, groups)
             child = add_task_vector(params.base, child)
         if self.mutation:
-            child = gaussian_mutation(key_noise, child, params.mutation_std)
-        return jax.tree.map(lambda x: x[None], child), state.replace(asked=state.asked + 1)
+            child = gaussian_mutation(key_noise, child, params.mutation_std, self.mutation_rng)
+        return child
 
     def merge(self, key_ratio, key_split, parent_a, parent_b, params: Params):
         """The split-point slerp (or plain slerp) of two parents with w ~ U(0, 1) and

@@ -18,6 +18,7 @@ import problems as P
 from conftest import np_fitness, np_general_fitness
 from m2n2_jax import archive as archive_lib
 from m2n2_jax import task_vectors as tv_lib
+from m2n2_jax.mutation import MUTATION_RNGS
 from m2n2_jax.selection import sample_parents
 
 TEMPLATE = P.init_model(jax.random.key(0))
@@ -664,3 +665,121 @@ def test_task_vector_mode_needs_a_base_of_the_seeds_shape():
         init(algorithm, SEEDS, jnp.asarray(S_ATTR), algorithm.default_params())
     with pytest.raises(ValueError, match="structure and leaf shapes"):
         init(algorithm, SEEDS, jnp.asarray(S_ATTR), algorithm.default_params().replace(base=BASE[:1]))
+
+
+# --- P children per step and the mutation RNG ----------------------------------------------
+
+
+@pytest.mark.parametrize("rng", ["threefry2x32", "threefry4x32"])
+def test_children_per_step_are_single_asks_with_split_keys(rng):
+    """P = 4: child i is what a one-child ask gives with key split(key, 4)[i] from the
+    same archive after i earlier children (`asked` + i), up to float32 rounding (the
+    children are vmapped); `asked` grows by 4. P = 1 is the one-child ask with the key
+    itself (its key layout is pinned by the draws test above)."""
+    one = mj.M2N2(archive_size=N, mutation_rng=rng)
+    four = dataclasses.replace(one, children_per_step=4)
+    assert four.population_size == 4 and one.population_size == 1
+    state, params = switch_state(one)
+    for key in KEYS[:3]:
+        children, after = ask(four, key, state, params)
+        assert int(after.asked) == int(state.asked) + 4
+        flat_children = flat(children)
+        for i, k in enumerate(jax.random.split(key, 4)):
+            single, _ = ask(one, k, state.replace(asked=state.asked + i), params)
+            np.testing.assert_allclose(flat_children[i], flat(single)[0], rtol=1e-5, atol=1e-6)  # vmap rounds
+        assert len({c.tobytes() for c in flat_children}) == 4
+    chex.assert_trees_all_equal(ask(dataclasses.replace(one, children_per_step=1), KEYS[0], state, params),
+                                ask(one, KEYS[0], state, params))
+
+
+def test_warmup_counts_children():
+    """P = 4 with 3 children asked before and warm-up 5: children 0 and 1 of the next ask
+    are still in warm-up (two distinct uniform parents), children 2 and 3 are not (model
+    0 solves everything, so they are model 0 merged with itself: bit-equal copies)."""
+    algorithm = mj.M2N2(archive_size=6, split_point=False, mutation=False, children_per_step=4)
+    params = algorithm.default_params().replace(warmup=jnp.int32(5))
+    scores = jnp.array([[1.0] * 6, [0.0] * 6, [0.0] * 6])
+    state = init(algorithm, jax.tree.map(lambda x: x[:3], SEEDS), scores, params).replace(asked=jnp.int32(3))
+    copies = np.zeros(4)
+    for key in KEYS[:40]:
+        children = flat(ask(algorithm, key, state, params)[0])
+        copies += np.abs(children - X[0].astype(np.float32)).max(1) == 0
+    np.testing.assert_array_equal(copies, [0, 0, 40, 40])
+
+
+def test_tell_inserts_children_in_order():
+    """A full archive of 2 (model 0 solves datapoint 0, model 1 datapoint 1); child c0
+    solves datapoint 2, child c1 datapoints 1 and 2. Told c0, c1: c0 replaces model 0,
+    then c1 replaces c0 (archive: c1, model 1). Told c1, c0: c1 replaces model 1, then
+    c0 is rejected (archive: model 0, c1). Each insertion follows the NumPy replay."""
+    algorithm = mj.M2N2(archive_size=2, children_per_step=2)
+    params = algorithm.default_params()
+    seeds = models(2)
+    scores = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+    state = init(algorithm, seeds, jnp.asarray(scores), params)
+    children = models(2, seed=9)
+    child_scores = np.array([[0, 0, 1], [0, 1, 1]], np.float32)
+
+    def np_replay(order):
+        kept, slots = scores.copy(), [0, 1]
+        for i in order:
+            d = np_dropped(kept, np.ones(2, bool), child_scores[i])
+            if d < 2:
+                kept[d], slots[d] = child_scores[i], 2 + i
+        return kept, slots
+
+    told = jax.jit(algorithm.tell)(None, state, children, jnp.asarray(child_scores), params)
+    everyone = np.concatenate([flat(seeds), flat(children)])
+    for order, new in [((0, 1), told), ((1, 0), jax.jit(algorithm.tell)(
+            None, state, jax.tree.map(lambda x: x[::-1], children), jnp.asarray(child_scores[::-1]), params))]:
+        kept, slots = np_replay(order)
+        np.testing.assert_array_equal(new.scores, kept)
+        np.testing.assert_array_equal(flat(new.params), everyone[slots])
+    assert np_replay((0, 1))[1] == [3, 1] and np_replay((1, 0))[1] == [0, 3], "the counter-case must depend on order"
+
+
+def test_children_per_step_run_spends_p_passes_per_step():
+    """Through the runner: P = 4 spends 4 passes per step (2 seeds + 4 k), `asked`
+    counts the 16 children, and a second run of the same keys is bit-identical."""
+    algorithm = mj.M2N2(archive_size=4, children_per_step=4)
+    run = lambda: mj.run(algorithm, P.KEYS[:2], P.score_fn, P.TRAIN, 2 + 16, seed_fn=P.seed_fn, log_every=4,
+                         progress=False)
+    result = run()
+    np.testing.assert_array_equal(result.passes, [6, 10, 14, 18])
+    assert (np.asarray(result.state.asked) == 16).all()
+    chex.assert_trees_all_equal(result.state, run().state)
+
+
+@pytest.mark.parametrize("rng", ["threefry4x32", "rbg"])
+def test_mutation_rng_changes_only_the_noise(rng):
+    """child = the noise-free child + std * normal(noise_key(key_noise, rng)): the same
+    parents, ratio and split point as the default, another noise draw."""
+    from m2n2_jax.mutation import noise_key
+
+    algorithm = mj.M2N2(archive_size=N, mutation_rng=rng)
+    state, params = switch_state(algorithm)
+    clean = mj.M2N2(archive_size=N, mutation=False)
+    for key in KEYS[:3]:
+        key_noise = jax.random.split(key, 4)[3]
+        expected = flat(ask(clean, key, state, params)[0])[0] + STD * np.asarray(
+            jax.random.normal(noise_key(key_noise, rng), (X.shape[1],)), np.float64)
+        child = flat(ask(algorithm, key, state, params)[0])[0]
+        np.testing.assert_allclose(child, expected, atol=1e-6)
+        assert np.abs(child - flat(ask(mj.M2N2(archive_size=N), key, state, params)[0])[0]).max() > 2 * STD
+
+
+@pytest.mark.parametrize("rng", MUTATION_RNGS)
+def test_each_mutation_rng_runs_through_the_runner(rng):
+    """Every offered RNG compiles inside `run` (shard_map over 2 devices: philox does
+    not, so it is not offered) and gives the same run twice."""
+    algorithm = mj.M2N2(archive_size=4, mutation_rng=rng)
+    run = lambda: mj.run(algorithm, P.KEYS[:2], P.score_fn, P.TRAIN, 2 + 8, seed_fn=P.seed_fn, progress=False)
+    chex.assert_trees_all_equal(run().state, run().state)
+
+
+def test_new_options_are_validated():
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="children_per_step"):
+            mj.M2N2(children_per_step=bad)
+    with pytest.raises(ValueError, match="mutation_rng"):
+        mj.M2N2(mutation_rng="philox4x32")
