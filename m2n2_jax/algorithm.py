@@ -99,9 +99,9 @@ class M2N2(Algorithm):
         ones, the parents' norm for equal ones), before the log-normal magnitude.
       mutation_rng: the JAX PRNG implementation the mutation noise is drawn with (one
         of `mutation.MUTATION_RNGS`; its key derived from the step key). The default
-        "threefry2x32" is JAX's; "threefry4x32" draws the D normals about 10x
-        faster on CPU; so does "rbg", with caveats
-        (docs/throughput.md, "Mutation RNG").
+        "threefry2x32" is JAX's; "threefry4x32", or "rbg" (JAX's fastest on TPU, with
+        caveats) may draw the D normals faster on other devices; on our CPU neither
+        speeds the loop up by more than 5 % (docs/throughput.md, "Mutation RNG").
       children_per_step: P, the children of one `ask` (the population size): each
         drawn independently from the same archive (its own parents, ratio, split
         point and noise, from `jax.random.split(key, P)`; P = 1 uses `key` itself),

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 # JAX PRNG implementations the noise can be drawn with (docs/throughput.md, "Mutation
-# RNG"): threefry2x32 is JAX's default and ours; the others draw D normals about 10x
-# faster on CPU. Left out: philox4x32 and philox2x32 (jax 0.10.2 cannot compile them
-# inside `shard_map`, where `run` evolves), unsafe_rbg (it differs from rbg only in
-# split / fold_in, which the noise key never uses: the same noise).
+# RNG"): threefry2x32 is JAX's default and ours; threefry4x32 and rbg (XLA's
+# RngBitGenerator, JAX's fastest on TPU) are options, neither faster in the loop on
+# our CPU. Left out: philox4x32 and philox2x32 (jax 0.10.2 cannot compile them inside
+# `shard_map`, where `run` evolves), unsafe_rbg (it differs from rbg only in split /
+# fold_in, which the noise key never uses: the same noise).
 MUTATION_RNGS = ("threefry2x32", "threefry4x32", "rbg")
 
 
