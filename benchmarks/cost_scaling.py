@@ -4,7 +4,7 @@
     python benchmarks/cost_scaling.py --mnist      # the MNIST MLP's D = 203,530
 
 D = 75 * hidden + 10 for the digits MLP (hidden 256: D = 19,210). --mnist instead
-times the MNIST MLP 784 -> 256 -> 10 (`digits.mlp_from_flat`) on random inputs of the
+times the MNIST MLP 784 -> 256 -> 10 (`digits.init_mlp(..., inputs=784)`) on random inputs of the
 digits' size (1,437 training and 360 test images of 784 uniform pixels, random labels:
 the cost per pass does not depend on the data), M2N2 and Sep-CMA-ES only; for CMA-ES
 it records the memory its state would need (C and B, two D x D float32 matrices)
@@ -40,18 +40,17 @@ MNIST_SIZES = (784, 256, 10)
 
 def mnist_like(key, hidden: int):
     """(train, test, init): random data of the digits' sizes with 784 inputs, and the
-    MNIST MLP's seed initialiser (every coordinate N(0, 0.01^2), like `init_mlp`)."""
+    MNIST MLP's seed initialiser (`init_mlp` with 784 inputs)."""
     import jax
     import jax.numpy as jnp
 
     from m2n2_jax.tasks import digits
 
-    sizes = (MNIST_SIZES[0], hidden, MNIST_SIZES[-1])
-    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    sizes = digits.widths(hidden, MNIST_SIZES[0])
     keys = jax.random.split(key, 4)
     data = [(jax.random.uniform(kx, (m, sizes[0]), jnp.float32), jax.random.randint(ky, (m,), 0, sizes[-1]))
             for m, kx, ky in ((1437, keys[0], keys[1]), (360, keys[2], keys[3]))]
-    init = lambda k: digits.mlp_from_flat(0.01 * jax.random.normal(k, (d,), jnp.float32), sizes)
+    init = lambda k: digits.init_mlp(k, hidden, inputs=sizes[0])
     return data[0], data[1], init
 
 
@@ -128,11 +127,13 @@ def main(argv=None) -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), tuple(args.generations), args.mnist)))
         return
+    from m2n2_jax.tasks import digits
+
     os.makedirs(args.out, exist_ok=True)
-    inputs = MNIST_SIZES[0] if args.mnist else 64
+    inputs = MNIST_SIZES[0] if args.mnist else digits.INPUTS
     rows, skip = [], set()
     for hidden in [MNIST_SIZES[1]] if args.mnist else sorted(args.hidden):
-        d = (inputs + 1) * hidden + (hidden + 1) * 10
+        d = digits.num_params(digits.widths(hidden, inputs))
         for method in args.methods:
             if method in skip:
                 rows.append({"method": method, "inputs": inputs, "hidden": hidden, "skipped": "a smaller width timed out"})

@@ -74,8 +74,7 @@ def check_cma_es_memory(spec: Protocol) -> None:
     D-vectors per run, and needs more D x D temporaries in every ask and tell."""
     if spec.method != "cma-es":
         return
-    sizes = digits.widths(spec.hidden, INPUTS[spec.dataset])
-    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    d = digits.num_params(digits.widths(spec.hidden, INPUTS[spec.dataset]))
     need = spec.runs * 4 * (2 * d * d + 5 * d)
     devices = jax.devices()
     if devices[0].platform == "cpu":

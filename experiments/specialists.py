@@ -58,7 +58,7 @@ def load_or_train(train, hidden: int, steps: int = 10, learning_rate: float = 3e
     sizes = digits.widths(hidden, train[0].shape[1])
     if init == "paper" and sizes[0] != digits.INPUTS:
         raise ValueError(f"init='paper' draws the paper's 64-input models; these data have {sizes[0]} inputs")
-    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    d = digits.num_params(sizes)
     tag = ("paper" if init == "paper" else f"key{seed}") + f"_h{hidden}_s{steps}_lr{learning_rate:g}_flat"
     path = os.path.join(cache, f"specialists_{data}_{tag}" if data else f"specialists_{tag}")
 

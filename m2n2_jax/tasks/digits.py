@@ -53,6 +53,11 @@ def widths(hidden: int = 256, inputs: int = INPUTS) -> tuple[int, ...]:
     return (inputs, hidden, CLASSES)
 
 
+def num_params(sizes: Sequence[int]) -> int:
+    """D of the MLP with layer widths `sizes` (kernels and biases)."""
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
 def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
     """The MLP whose flat vector, in ravel order W1, b1, W2, b2, ..., is `flat` (D,)."""
     layers, offset = [], 0
@@ -67,8 +72,7 @@ def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
 def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01, inputs: int = INPUTS) -> tuple[Dense, ...]:
     """Every coordinate drawn from N(0, std^2) as one flat vector (SPEC's random seeds)."""
     sizes = widths(hidden, inputs)
-    d = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    return mlp_from_flat(std * jax.random.normal(key, (d,), jnp.float32), sizes)
+    return mlp_from_flat(std * jax.random.normal(key, (num_params(sizes),), jnp.float32), sizes)
 
 
 def mlp_apply(params: Sequence[Dense], x: jax.Array) -> jax.Array:
