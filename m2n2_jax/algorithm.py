@@ -42,8 +42,9 @@ class Params:
         "fixed"); None means all ones.
       eps: added to the normaliser, z_j^alpha + eps (the paper's equation); 0 keeps
         the digits code's zero guard only.
-      warmup: W, the number of first steps whose parents are both drawn uniformly
-        among the occupied slots (the paper: at most 50 with pre-trained seeds).
+      warmup: W, the number of first children whose parents are both drawn uniformly
+        among the occupied slots (the paper: at most 50 with pre-trained seeds; one
+        child per step unless `M2N2.children_per_step` > 1).
       slerp_dot_threshold: the merge is linear where |cos(Omega)| exceeds it; 1 is
         the paper's rule (near-antiparallel parents give children far outside the
         parents' scale), mergekit's guard is 0.9995.
