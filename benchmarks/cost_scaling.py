@@ -168,8 +168,10 @@ def main(argv=None) -> None:
 def save(rows: list[dict], out: str, final: bool = False) -> None:
     """Write OUT/cost_scaling.json: the rows already there that `rows` does not measure
     again (same method, inputs and hidden width), then `rows`; plot them at the end."""
+    from m2n2_jax.tasks import digits
+
     path = os.path.join(out, "cost_scaling.json")
-    key = lambda r: (r["method"], r.get("inputs", 64), r["hidden"])
+    key = lambda r: (r["method"], r.get("inputs", digits.INPUTS), r["hidden"])  # rows before --mnist: digits
     old = json.load(open(path))["rows"] if os.path.exists(path) else []
     new = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new] + rows

@@ -85,17 +85,10 @@ def merge_with(reductions):
     import jax
     import jax.numpy as jnp
 
+    from m2n2_jax.merge import coefficients_from_reductions
+
     def merge(a, b, w, k, *known):
-        dot, aa, bb = reductions(a, b, *known)
-        norm = jnp.sqrt(aa) * jnp.sqrt(bb)
-        cos = jnp.clip(dot / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
-        omega = jnp.arccos(cos)
-        sin = jnp.sin(omega)
-        linear = (sin < 1e-6) | (norm == 0)
-        safe_sin = jnp.where(linear, 1.0, sin)
-        ws = jnp.stack([w, 1.0 - w])
-        (ca_lo, ca_hi) = jnp.where(linear, 1.0 - ws, jnp.sin((1.0 - ws) * omega) / safe_sin)
-        (cb_lo, cb_hi) = jnp.where(linear, ws, jnp.sin(ws * omega) / safe_sin)
+        (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients_from_reductions(*reductions(a, b, *known), jnp.stack([w, 1.0 - w]))
         out, offset = {}, 0
         for name in a:
             x, y = a[name], b[name]
@@ -156,6 +149,10 @@ def dot_only_reductions(a, b, aa, bb):
     return sum(jnp.vdot(x, y) for x, y in zip(a.values(), b.values())), aa, bb
 
 
+REDUCTIONS = {"split_point_slerp": library_reductions, "one_pass": one_pass_reductions,
+              "one_pass_blocked": one_pass_blocked_reductions}  # variants reducing (dot, |a|^2, |b|^2)
+
+
 def parents(total: int, leaves: int):
     """Two float32 parent pytrees of `total` N(0, 1) parameters in `leaves` leaves."""
     import jax
@@ -180,10 +177,8 @@ def build(variant: str, a, b, total: int):
     ratio, split = jnp.float32(0.3), jnp.int32(total // 3)
     if variant == "split_point_slerp":
         return jax.jit(mj.split_point_slerp), (a, b, ratio, split)
-    if variant == "one_pass":
-        return jax.jit(merge_with(one_pass_reductions)), (a, b, ratio, split)
-    if variant == "one_pass_blocked":
-        return jax.jit(merge_with(one_pass_blocked_reductions)), (a, b, ratio, split)
+    if variant in ("one_pass", "one_pass_blocked"):
+        return jax.jit(merge_with(REDUCTIONS[variant])), (a, b, ratio, split)
     if variant == "norms_known":
         squared_norms = jax.jit(lambda t: sum(jnp.vdot(x, x) for x in t.values()))
         return jax.jit(merge_with(dot_only_reductions)), (a, b, ratio, split, squared_norms(a), squared_norms(b))
@@ -227,7 +222,6 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
 
     a, b = parents(total, leaves)
     model_bytes = sum(x.nbytes for x in jax.tree.leaves(a))
-    ratio, split = jnp.float32(0.3), jnp.int32(total // 3)
     fn, args = build(variant, a, b, total)
 
     compiled = fn.lower(*args).compile()
@@ -258,15 +252,13 @@ def measure(variant: str, total: int, leaves: int, repeats: int) -> dict:
     stop.set()
     sampler.join()
     extra = peak[0] - base
-    library = jax.jit(mj.split_point_slerp)(a, b, ratio, split)
+    library = jax.jit(mj.split_point_slerp)(*args[:4])  # (a, b, ratio, split) in every variant
     child = compiled(*args)
     difference = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(child), jax.tree.leaves(library)))
     del library, child
     reduction_error = None  # of (dot, |a|^2, |b|^2) against float64, where the variant reduces all three
-    reduce_fns = {"split_point_slerp": library_reductions, "one_pass": one_pass_reductions,
-                  "one_pass_blocked": one_pass_blocked_reductions}
-    if variant in reduce_fns:
-        got = np.array(jax.jit(reduce_fns[variant])(a, b), np.float64)
+    if variant in REDUCTIONS:
+        got = np.array(jax.jit(REDUCTIONS[variant])(a, b), np.float64)
         exact = np.zeros(3)
         for x, y in zip(a.values(), b.values()):
             x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()

@@ -8,8 +8,8 @@ device per core (`harness.use_cpu_devices`), and the fastest of each is compared
 (a) the fastest bare jitted forward of the digits MLP over the 1,437 training images
     for `runs` models (vmap and lax.map over models);
 (a+noise) the same plus drawing the D = 19,210 mutation normals per pass with each
-    `M2N2.mutation_rng` (threefry2x32, the default, and the faster PRNGs), the floor
-    of any from-scratch implementation that uses that PRNG;
+    `M2N2.mutation_rng` (threefry2x32, the default, and the other PRNGs); not a floor:
+    the loop (b) has measured faster than this program (docs/throughput.md);
 (b) `m2n2_jax.run`: the full loop, `runs` seeds in one compiled call (split over the
     mesh's "runs" axis, lax.map on each device), default logging (every 100 passes),
     from scratch (mutation, with each mutation RNG) and without mutation (pre-trained

@@ -101,6 +101,13 @@ def slerp_coefficients(
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     ]
     dot, aa, bb = (sum(p[i] for p in parts) for i in range(3))
+    return coefficients_from_reductions(dot, aa, bb, ratios, eps, dot_threshold)
+
+
+def coefficients_from_reductions(dot, aa, bb, ratios, eps: float = 1e-6, dot_threshold: float = 1.0):
+    """`slerp_coefficients` given the parents' float32 reductions <A, B>, |A|^2 and
+    |B|^2 (scalars), however they were computed (benchmarks/merge_memory.py compares
+    ways of reducing)."""
     norm = jnp.sqrt(aa) * jnp.sqrt(bb)
     cos = jnp.clip(dot / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
     omega = jnp.arccos(cos)
