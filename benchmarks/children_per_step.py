@@ -14,8 +14,9 @@ is the protocol's M2N2 run bit for bit:
     final test accuracy (mean and standard error over the runs) and its wall time
     (--speed-only keeps those of OUT/children_per_step.json, measured with the same
     settings, and reruns (1) alone).
-Run it from the repository root (`-m`: it imports `experiments.harness`). Writes
-OUT/children_per_step.json (with `harness.machine()`) and .txt.
+Run it from the repository root (`-m`: it imports `experiments.harness` and
+`experiments.methods`). Writes OUT/children_per_step.json (with `harness.machine()`)
+and .txt.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import m2n2_jax as mj  # noqa: E402
+from experiments import methods  # noqa: E402
 from m2n2_jax.mutation import MUTATION_RNGS  # noqa: E402
-from m2n2_jax.tasks import digits, methods  # noqa: E402
+from m2n2_jax.tasks import digits  # noqa: E402
 
 score_fn = digits.classification_scores  # one object: equal algorithms share compiled programs
 
@@ -93,7 +95,7 @@ def main(argv=None) -> dict:
     # (2) accuracy at equal passes.
     for c in [] if args.speed_only else args.children:
         result = run(c, args.passes)
-        final = result.final_test_accuracy
+        final = result.final_test_score
         accuracy[c] = {"final_test_accuracy": final.tolist(), "mean": float(final.mean()),
                        "stderr": float(final.std(ddof=1) / np.sqrt(len(final))) if len(final) > 1 else float("nan"),
                        "passes": int(result.passes[-1]), "wall_seconds": result.wall_seconds,

@@ -1,7 +1,7 @@
 """Seconds per forward pass and peak memory of M2N2 vs CMA-ES vs Sep-CMA-ES as D grows.
 
-    python benchmarks/cost_scaling.py [--hidden 16 32 64 128 256 512] [--timeout 900]
-    python benchmarks/cost_scaling.py --mnist      # the MNIST MLP's D = 203,530
+    python -m benchmarks.cost_scaling [--hidden 16 32 64 128 256 512] [--timeout 900]
+    python -m benchmarks.cost_scaling --mnist      # the MNIST MLP's D = 203,530
 
 D = 75 * hidden + 10 for the digits MLP (hidden 256: D = 19,210). --mnist instead
 times the MNIST MLP 784 -> 256 -> 10 (`digits.init_mlp(..., inputs=784)`) on random inputs of the
@@ -14,10 +14,12 @@ runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. 
 time per pass excludes compilation: after a warm-up call, two budgets are run in the
 same process and the difference is divided by the difference in passes (the seeds'
 passes, 2 for M2N2 and 1 for the ES, cancel out). One run, ES population 20, the same
-data, model and methods as experiments/from_scratch.py (m2n2_jax.tasks.methods), all
-through `m2n2_jax.run`. A method whose child process exceeds
---timeout is recorded as such and larger widths of it are skipped. Writes
-OUT/cost_scaling.json and OUT/cost_scaling.png (log-log).
+data, model and methods as experiments/from_scratch.py (experiments/methods.py), all
+through `m2n2_jax.run`. A method whose child process exceeds --timeout is recorded as
+such and larger widths of it are skipped. Run it from the repository root (`-m`: it
+imports `experiments.methods`, and each child process is `python -m
+benchmarks.cost_scaling --one ...` run there). Writes OUT/cost_scaling.json and
+OUT/cost_scaling.png (log-log).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ import resource
 import subprocess
 import sys
 
+if not __package__:  # run as a file: `experiments.methods` and the child processes need the repository root
+    raise SystemExit("run from the repository root as a module: python -m benchmarks.cost_scaling")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository root: the child processes run there
 
 METHODS = ("m2n2", "sep-cma-es", "cma-es")
 POPULATION = 20  # ES models per generation
@@ -59,7 +65,8 @@ def measure(method: str, hidden: int, generations: tuple[int, int], mnist: bool 
     import jax
 
     import m2n2_jax as mj
-    from m2n2_jax.tasks import digits, methods
+    from experiments import methods
+    from m2n2_jax.tasks import digits
 
     if mnist:
         train, test, init = mnist_like(jax.random.key(1), hidden)
@@ -143,10 +150,10 @@ def main(argv=None) -> None:
                              "not_run": "its state alone would not fit in memory", "state_bytes_c_and_b": 2 * 4 * d * d})
                 print(f"{method:<11} D {d:>7}  not run: C and B need {2 * 4 * d * d / 1e9:.0f} GB", flush=True)
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(hidden),
+            cmd = [sys.executable, "-m", "benchmarks.cost_scaling", "--one", method, str(hidden),
                    "--generations", *map(str, args.generations)] + (["--mnist"] if args.mnist else [])
             try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True, cwd=ROOT)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
                 row = {"method": method, "inputs": inputs, "hidden": hidden, "timed_out_seconds": args.timeout}

@@ -1,6 +1,6 @@
 """Peak memory and time of one split-point slerp merge of two 1e8-parameter models.
 
-    python benchmarks/merge_memory.py [--params 100000000] [--leaves 24] [--cycles 30] [--rounds 3]
+    python -m benchmarks.merge_memory [--params 100000000] [--leaves 24] [--cycles 30] [--rounds 3]
 
 Every variant merges two float32 parent pytrees of --params parameters in --leaves
 leaves of mixed shapes on one device:
@@ -37,6 +37,8 @@ Then the archive: XLA's accounting of one jitted M2N2 step (ask + tell, scores g
 the state donated so the archive is updated in place) on an archive of 20 models of
 --archive-params parameters, as multiples of one model: the state itself is
 20 models + scores, everything above it is the step's working memory.
+Run it from the repository root (`-m`, as every benchmark; each child process is
+`python -m benchmarks.merge_memory --one ...` or `--interleaved ...` run there).
 Writes OUT/merge_memory.json and .txt.
 """
 
@@ -53,7 +55,11 @@ import time
 
 import numpy as np
 
+if not __package__:  # run as a file: the child processes need the repository root
+    raise SystemExit("run from the repository root as a module: python -m benchmarks.merge_memory")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository root: the child processes run there
 VARIANTS = ("split_point_slerp", "one_pass", "one_pass_blocked", "norms_known", "elementwise", "flat_ravel")
 
 
@@ -293,7 +299,7 @@ def archive_step(params: int, archive_size: int = 20, points: int = 1000) -> dic
     template = {"w": jax.ShapeDtypeStruct((params // 1000, 1000), jnp.float32),
                 "b": jax.ShapeDtypeStruct((params - (params // 1000) * 1000,), jnp.float32)}
     state = jax.eval_shape(lambda: mj.Archive(
-        params=jax.tree.map(lambda t: jnp.zeros((archive_size,) + t.shape, t.dtype), template),
+        models=jax.tree.map(lambda t: jnp.zeros((archive_size,) + t.shape, t.dtype), template),
         scores=jnp.zeros((archive_size, points)), occupied=jnp.ones((archive_size,), bool)))
 
     def step(state, key, scores, hyper):
@@ -319,7 +325,7 @@ def child(cmd: list[str], what: str, pin_mmap_threshold: bool = False):
     which adds about 0.15 s per 381 MiB child here, a cost a loop that reuses its
     buffers does not pay."""
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2**20)} if pin_mmap_threshold else {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-2000:]}")
     return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
@@ -347,14 +353,14 @@ def main(argv=None) -> dict:
     if "elementwise" not in args.variants:
         raise SystemExit("error: --variants must include elementwise (the ratios' denominator)")
     rounds = []
-    cmd = [sys.executable, __file__, "--interleaved", "--params", str(args.params), "--leaves", str(args.leaves),
-           "--cycles", str(args.cycles), "--variants", *args.variants]
+    cmd = [sys.executable, "-m", "benchmarks.merge_memory", "--interleaved", "--params", str(args.params),
+           "--leaves", str(args.leaves), "--cycles", str(args.cycles), "--variants", *args.variants]
     cycle_times = child(cmd, "the interleaved timing")
     print(f"interleaved timing: {args.cycles} cycles done", flush=True)
     for r in range(args.rounds):
         rows = {}
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--one", variant, "--params", str(args.params),
+            cmd = [sys.executable, "-m", "benchmarks.merge_memory", "--one", variant, "--params", str(args.params),
                    "--leaves", str(args.leaves), "--repeats", str(args.repeats)]
             rows[variant] = child(cmd, variant, pin_mmap_threshold=True)
             print(f"round {r + 1}, {variant}: {rows[variant]['peak_multiple']:.2f}x model, "

@@ -1,8 +1,9 @@
 """Why the paper's M2N2 (two parameter groups) stays below m2n2-one-group and the
 static slerp in experiments/diffusion.py. Three measurements on the default models
-and settings (docs/diffusion.md); output in why_m2n2.log. Run from the repository root:
+and settings (docs/diffusion.md); it prints them, and its output is kept in
+experiments/results/diffusion/explorations/why_m2n2.log. Run from the repository root:
 
-    python experiments/results/diffusion/explorations/why_m2n2.py
+    python experiments/explore_diffusion_why_m2n2.py > experiments/results/diffusion/explorations/why_m2n2.log
 
 1. Geometry: the cosine between the JA denoiser and each EN one, per group (the FiLM
    "conditioning" layers and the rest).
@@ -13,11 +14,7 @@ and settings (docs/diffusion.md); output in why_m2n2.log. Run from the repositor
    EN seeds are left in the first 20 passes; then, every 40 passes, distinct members,
    their mean pairwise distance, and the best and worst training similarity.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-import harness  # noqa: E402
+import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
 import jax  # noqa: E402
@@ -78,7 +75,7 @@ for name in ("m2n2", "m2n2-one-group"):
     seed_flat = np.concatenate([np.asarray(x).reshape(4, -1) for x in jax.tree.leaves(stacked)], 1)
 
     def seeds_left(s):
-        flat = np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(s.params)], 1)[s.occupied]
+        flat = np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(s.models)], 1)[s.occupied]
         return sum(any(np.array_equal(f, seed) for f in flat) for seed in seed_flat[1:])  # the EN seeds
     state, _ = jax.jit(lambda k: mj.init_state(algo, score_fn, k, stacked, params, p.train_batch))(k_init)
     evolve = jax.jit(lambda s, k: mj.evolve(algo, score_fn, s, k, params, p.train_batch, 40))
@@ -91,11 +88,11 @@ for name in ("m2n2", "m2n2-one-group"):
     for i in range(12):
         state = evolve(state, jax.random.fold_in(k_run, i))
         s = jax.device_get(state)
-        flat = np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(s.params)], 1)[s.occupied]
+        flat = np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(s.models)], 1)[s.occupied]
         dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1)[np.triu_indices(len(flat), 1)]
         print(f"   {name:<15} pass {24 + 40 * (i + 1):>3}: distinct {len(np.unique(flat, axis=0)):>2}/{len(flat)}, "
               f"mean distance {dist.mean():7.3f}, training similarity best {s.scores[s.occupied].mean(1).max():.4f} "
               f"worst {s.scores[s.occupied].mean(1).min():.4f}")
-    best = jax.tree.map(lambda x: x[int(np.argmax(np.where(s.occupied, s.scores.mean(1), -1)))], s.params)
+    best = jax.tree.map(lambda x: x[int(np.argmax(np.where(s.occupied, s.scores.mean(1), -1)))], s.models)
     print(f"   {name:<15} best member's group norms: " + ", ".join(f"{k} {v:.1f}" for k, v in group_norms(best).items())
           + f"; test: {', '.join(f'{k} {v:.4f}' for k, v in evaluate(best, ja_encoder).items())}")

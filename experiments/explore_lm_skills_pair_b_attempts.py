@@ -1,28 +1,24 @@
 """The fine-tuning recipes tried for specialist pair (b) (docs/lm_pairs.md), measured.
 
-    python experiments/results/lm_skills/explorations/pair_b_attempts.py ATTEMPT [ATTEMPT ...] [--reach]
+    python experiments/explore_lm_skills_pair_b_attempts.py ATTEMPT [ATTEMPT ...] [--reach]
 
 For each attempt (a name of ATTEMPTS; "a" is pair (a)'s recipe): trains the base and the
 two specialists (or loads them from experiments/cache), then records in
-pair_b_attempts.json beside this file, under the attempt's name: its settings, the
-training log (with times; empty when the models came from the cache), the base's and
-each specialist's test scores per skill (addition exact match, reversal partial
-credit, and reversal exact match), and `lm_analysis.task_vector_stats` (norms, cosine,
-DARE robustness on the own skill's test questions, 3 mask draws); with --parts also
-`lm_analysis.dare_by_part` (DARE on one part of the model at a time); with --reach also
-`lm_analysis.reachability` (200 addition and 50 reversal training questions, 500 test
-questions per skill, as `lm_analysis.skill_sets` draws them).
+experiments/results/lm_skills/explorations/pair_b_attempts.json, under the attempt's
+name: its settings, the training log (with times; empty when the models came from the
+cache), the base's and each specialist's test scores per skill (addition exact match,
+reversal partial credit, and reversal exact match), and `lm_analysis.task_vector_stats`
+(norms, cosine, DARE robustness on the own skill's test questions, 3 mask draws); with
+--parts also `lm_analysis.dare_by_part` (DARE on one part of the model at a time); with
+--reach also `lm_analysis.reachability` (200 addition and 50 reversal training
+questions, 500 test questions per skill, as `lm_analysis.skill_sets` draws them).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))  # experiments/
-
-import harness  # noqa: E402
+import harness
 
 harness.use_cpu_devices()
 
@@ -38,7 +34,8 @@ import lm_models  # noqa: E402
 from m2n2_jax.tasks import skills  # noqa: E402
 from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
 
-OUT = os.path.join(HERE, "pair_b_attempts.json")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lm_skills", "explorations",
+                   "pair_b_attempts.json")
 NAMES = ("addition", "reversal")
 ADD10 = (("copy", 0.35), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.1))
 ADD7 = (("copy", 0.38), ("addition_short", 0.25), ("reversal_short", 0.3), ("addition", 0.07))
@@ -153,7 +150,7 @@ def save(name: str, record: dict) -> None:
     attempts = json.load(open(OUT))["attempts"] if os.path.exists(OUT) else {}
     attempts[name] = record
     harness.write_json(OUT, {"experiment": "lm_pairs: fine-tuning recipes for specialist pair (b)",
-                             "command": "python experiments/results/lm_skills/explorations/pair_b_attempts.py "
+                             "command": "python experiments/explore_lm_skills_pair_b_attempts.py "
                                         "ATTEMPT [--parts] [--reach] [--base-only]", "attempts": attempts})
 
 

@@ -1,19 +1,16 @@
 """Why M2N2 stays below CMA-ES-slerp on pair (b): the same m2n2 as lm_skills.py
 (4 runs, seeds 42-45, 1,000 evaluations, default protocol), but with one merge ratio
 and split point per layer unit (`M2N2(groups=lm_analysis.transformer_unit)`, the
-structure CMA-ES-slerp has). Prints the test mean of the two skills per run; output in
-m2n2_groups_pair_b.log (docs/lm_skills.md). Run from the repository root:
+structure CMA-ES-slerp has). Prints the test mean of the two skills per run; its output
+is kept in experiments/results/lm_skills/explorations/m2n2_groups_pair_b.log
+(docs/lm_skills.md). Run from the repository root:
 
-    python experiments/results/lm_skills/explorations/m2n2_groups_pair_b.py
+    python experiments/explore_lm_skills_m2n2_groups_pair_b.py
 """
 import dataclasses
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-import harness  # noqa: E402
+import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
 import numpy as np  # noqa: E402

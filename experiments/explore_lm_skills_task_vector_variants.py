@@ -1,17 +1,18 @@
 """Variants of M2N2's task-vector mode on pair (a), 2 runs (seeds 42, 43) x 1,000
 evaluations, 120 addition / 40 reversal training questions, union norm unless a
-variant says otherwise; printed lines are in task_vector_variants.log
-(docs/lm_skills.md, "How the task-vector mode was settled"). Run from the repository
-root, e.g.
+variant says otherwise; printed lines are kept in
+experiments/results/lm_skills/explorations/task_vector_variants.log (docs/lm_skills.md,
+"How the task-vector mode was settled"). Run from the repository root, e.g.
 
-    python experiments/results/lm_skills/explorations/task_vector_variants.py "std=0.1" "weighted=True"
+    python experiments/explore_lm_skills_task_vector_variants.py "std=0.1" "weighted=True"
 
 "weighted" sets M2N2's capacities to lm_protocol.question_weights (each skill an equal
-share; now the protocol's default). The "refine" variants used `Params.refine_rate`
-(a share of children that rescale parent A's task vector instead of merging), an
-option removed after these runs; with the current library they fail.
+share; now the protocol's default). The "refine" variants used `refine_rate` of M2N2's
+params (then `mj.Params`, now `mj.M2N2Params`; a share of children that rescale parent
+A's task vector instead of merging), an option removed after these runs; with the
+current library they fail (the other variants run).
 """
-import sys, time, dataclasses; sys.path.insert(0, "experiments")
+import sys, time
 import harness; harness.use_cpu_devices(single_threaded_ops=True)
 import jax, jax.numpy as jnp, numpy as np
 import lm_analysis, lm_protocol, lm_skills
@@ -35,12 +36,13 @@ for variant in sys.argv[1:]:
     std = kw.pop("std", 0.05); warm = kw.pop("warmup", 50); alpha = kw.pop("alpha", 1.0); refine = kw.pop("refine", 0.0); weighted = kw.pop("weighted", False)
     algo = mj.M2N2(archive_size=15, mutation=False, capacity_rule="max", task_vectors=True,
                    groups=lm_analysis.transformer_unit, **{"task_vector_norm": "union", **kw})
-    params = algo.default_params().replace(warmup=jnp.int32(warm), base=models["base"], magnitude_std=jnp.float32(std), alpha=jnp.float32(alpha), refine_rate=jnp.float32(refine))
+    params = algo.default_params().replace(warmup=jnp.int32(warm), base=models["base"], magnitude_std=jnp.float32(std), alpha=jnp.float32(alpha),
+                                             **({"refine_rate": jnp.float32(refine)} if refine else {}))
     if weighted: params = params.replace(capacity=W.sum(1) * W.shape[0] / W.shape[1])
     t0 = time.perf_counter()
     res = mj.run(algo, keys, score_fn, trb, 1000, params=params, seed_models=[models["specialist_a"], models["specialist_b"]],
                  test_data=teb, log_every=250, progress=False, metrics_fn=lm_protocol.skill_metrics(algo, score_fn, trb, W, TW))
-    pick = jax.jit(lambda s: lm_protocol.returned_model(algo, s, score_fn, trb, W)[0])
+    pick = jax.jit(lambda s: lm_protocol.returned_model(algo, s, params, score_fn, trb, W)[0])
     sc = [evaluate(pick(jax.tree.map(lambda x: x[r], res.state))) for r in range(2)]
     print(variant, "test", [round(100*np.mean(list(s["test"].values())),1) for s in sc], [ {k: round(100*v,1) for k,v in s["test"].items()} for s in sc],
-          "train", [round(100*np.mean(list(s["train"].values())),1) for s in sc], "curve", np.round(res.train_accuracy.mean(0),3).tolist(), f"{time.perf_counter()-t0:.0f}s", flush=True)
+          "train", [round(100*np.mean(list(s["train"].values())),1) for s in sc], "curve", np.round(res.train_score.mean(0),3).tolist(), f"{time.perf_counter()-t0:.0f}s", flush=True)

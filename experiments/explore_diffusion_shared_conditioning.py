@@ -1,0 +1,20 @@
+"""The diffusion experiment with a JA seed whose FiLM layers start from en-base's
+(`Training(ja_new_conditioning=False)`: only its text encoder is new), every method and
+the default settings otherwise (docs/diffusion.md, "What would change the picture").
+Writes experiments/results/diffusion/explorations/shared_conditioning/diffusion.json and
+its plots; its printed log is kept in experiments/results/diffusion/explorations/
+shared_conditioning.log. Run from the repository root:
+
+    python experiments/explore_diffusion_shared_conditioning.py
+"""
+import dataclasses
+import os
+
+import diffusion  # (sets the CPU devices)
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "diffusion", "explorations",
+                   "shared_conditioning")
+
+default_training = diffusion.Spec.training
+diffusion.Spec.training = lambda self: dataclasses.replace(default_training(self), ja_new_conditioning=False)
+diffusion.main(["--runs", "4", "--no-progress", "--out", OUT])
