@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test experiments lm diffusion bench mnist clean
+.PHONY: run test pythons experiments lm diffusion bench mnist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,43 @@ run: $(STAMP)
 # Two workers, each test file in one of them (files share compiled programs).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The other Pythons that the pinned jax supports and this machine has (docs/pythons.md):
+# one venv per version (.venv-3.12, .venv-3.13), installed from the same constraints.txt,
+# then the library's own unit tests (CORE_TESTS) in each; a summary line per version at the end.
+# The interpreter is python3.X on PATH (a pyenv shim that is not active is skipped), else
+# the newest $(PYENV_ROOT)/versions/3.X.*; override with e.g. `make pythons PY_3.13=/path/python3.13`.
+# `make test` is the 3.11 run (.venv); `make pythons PYTHONS=3.13` runs one version.
+PYTHONS ?= 3.12 3.13
+PYENV_ROOT ?= $(HOME)/.pyenv
+CORE_TESTS := tests/test_algorithm.py tests/test_brute_force.py tests/test_checkpoint.py \
+  tests/test_contract.py tests/test_evosax_es.py tests/test_fitness.py tests/test_map_elites.py \
+  tests/test_merge.py tests/test_merge_es.py tests/test_merge_ops.py tests/test_mutation.py \
+  tests/test_paper_step.py tests/test_runner.py tests/test_scoring.py tests/test_selection.py \
+  tests/test_sharding.py tests/test_safetensors_io.py
+find_python = $(or $(PY_$(1)),$(shell for c in $$(command -v python$(1)) \
+  $$(ls -d $(PYENV_ROOT)/versions/$(1).*/bin/python$(1) 2>/dev/null | sort -V -r); do \
+  $$c -c '' >/dev/null 2>&1 && { echo $$c; break; }; done))
+
+.venv-%/.installed: pyproject.toml constraints.txt
+	@py='$(call find_python,$*)'; \
+	test -n "$$py" || { echo "no working python$* found: make pythons PY_$*=/path/to/python$*"; exit 1; }; \
+	echo "== .venv-$*: $$py ($$($$py -V 2>&1))"; \
+	$$py -m venv .venv-$* && \
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip && \
+	.venv-$*/bin/python -m pip install --quiet -c constraints.txt -e '.[test]' && \
+	touch $@
+
+pythons: $(foreach v,$(PYTHONS),.venv-$(v)/.installed)
+	@fail=0; summary=''; \
+	for v in $(PYTHONS); do \
+	  echo "== Python $$v: core tests"; start=$$(date +%s); \
+	  { .venv-$$v/bin/python -m pytest -n 2 --dist loadfile $(CORE_TESTS); echo $$? > .venv-$$v/core-tests.rc; } 2>&1 \
+	    | tee .venv-$$v/core-tests.log; \
+	  rc=$$(cat .venv-$$v/core-tests.rc); test "$$rc" = 0 || fail=1; \
+	  summary="$$summary$$(.venv-$$v/bin/python -V): $$(grep -E '(passed|failed|error)' .venv-$$v/core-tests.log | tail -n 1) (exit $$rc, wall $$(( $$(date +%s) - start )) s)\n"; \
+	done; \
+	printf '%b' "$$summary"; exit $$fail
 
 # The full protocols of README's results tables (10 seeds per method).
 experiments: $(STAMP)
@@ -64,4 +101,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_memory.py
 
 clean:
-	rm -rf $(VENV) results .jax_cache_tests
+	rm -rf $(VENV) .venv-* results .jax_cache_tests
