@@ -21,9 +21,11 @@ run: $(STAMP)
 	done
 	$(BIN)/python experiments/plot.py results/demo
 
-# Two workers, each test file in one of them (files share compiled programs).
+# The linter (ruff.toml), then two workers, each test file in one of them (files share
+# compiled programs), the longest files first (tests/conftest.py; docs/test_suite.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The other Pythons that the pinned jax supports and this machine has (docs/pythons.md):
 # one venv per version (.venv-3.12, .venv-3.13), installed from the same constraints.txt,
@@ -33,7 +35,7 @@ test: $(STAMP)
 # `make test` is the 3.11 run (.venv); `make pythons PYTHONS=3.13` runs one version.
 PYTHONS ?= 3.12 3.13
 PYENV_ROOT ?= $(HOME)/.pyenv
-CORE_TESTS := tests/test_algorithm.py tests/test_brute_force.py tests/test_checkpoint.py \
+CORE_TESTS := tests/test_m2n2.py tests/test_slerp_grid.py tests/test_boundaries.py tests/test_checkpoint.py \
   tests/test_contract.py tests/test_evosax_es.py tests/test_fitness.py tests/test_map_elites.py \
   tests/test_merge.py tests/test_merge_es.py tests/test_merge_ops.py tests/test_mutation.py \
   tests/test_paper_step.py tests/test_runner.py tests/test_scoring.py tests/test_selection.py \
@@ -98,7 +100,7 @@ mnist: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput
-	$(BIN)/python benchmarks/merge_memory.py
+	$(BIN)/python -m benchmarks.merge_memory
 
 clean:
 	rm -rf $(VENV) .venv-* results .jax_cache_tests

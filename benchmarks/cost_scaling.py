@@ -143,11 +143,13 @@ def main(argv=None) -> None:
         d = digits.num_params(digits.widths(hidden, inputs))
         for method in args.methods:
             if method in skip:
-                rows.append({"method": method, "inputs": inputs, "hidden": hidden, "skipped": "a smaller width timed out"})
+                rows.append({"method": method, "inputs": inputs, "hidden": hidden,
+                             "skipped": "a smaller width timed out"})
                 continue
             if args.mnist and method == "cma-es":  # C and B: two D x D float32 matrices
                 rows.append({"method": method, "inputs": inputs, "hidden": hidden, "num_params": d,
-                             "not_run": "its state alone would not fit in memory", "state_bytes_c_and_b": 2 * 4 * d * d})
+                             "not_run": "its state alone would not fit in memory",
+                             "state_bytes_c_and_b": 2 * 4 * d * d})
                 print(f"{method:<11} D {d:>7}  not run: C and B need {2 * 4 * d * d / 1e9:.0f} GB", flush=True)
                 continue
             cmd = [sys.executable, "-m", "benchmarks.cost_scaling", "--one", method, str(hidden),

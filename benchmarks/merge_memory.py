@@ -94,7 +94,8 @@ def merge_with(reductions):
     from m2n2_jax.merge import coefficients_from_reductions
 
     def merge(a, b, w, k, *known):
-        (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients_from_reductions(*reductions(a, b, *known), jnp.stack([w, 1.0 - w]))
+        (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients_from_reductions(*reductions(a, b, *known),
+                                                                      jnp.stack([w, 1.0 - w]))
         out, offset = {}, 0
         for name in a:
             x, y = a[name], b[name]
@@ -328,7 +329,7 @@ def child(cmd: list[str], what: str, pin_mmap_threshold: bool = False):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-2000:]}")
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT")][-1][6:])
 
 
 def main(argv=None) -> dict:
@@ -398,10 +399,12 @@ def main(argv=None) -> dict:
     for variant, row in summary.items():
         xla = "-" if row["xla_multiple"] is None else f"{row['xla_multiple']:.2f}"
         spread = "{:.2f}-{:.2f}".format(*row["time_ratio_quartiles"])
+        rel_error = ("-" if row["reduction_relative_error"] is None
+                     else format(row["reduction_relative_error"][1], ".1e"))
         lines.append(f"{variant:<20}{row['peak_multiple']:>16.2f}{xla:>15}{row['seconds_per_merge']:>11.3f}"
                      f"{row['time_ratio_vs_elementwise']:>15.2f}{spread:>14}"
                      f"{row['max_abs_difference_vs_library']:>12.1e}"
-                     f"{'-' if row['reduction_relative_error'] is None else format(row['reduction_relative_error'][1], '.1e'):>18}")
+                     f"{rel_error:>18}")
     lines.append(f"one donated M2N2 step (ask + tell) on an archive of {step['archive_size']} x "
                  f"{step['params']:,} params: arguments {step['argument_multiple']:.2f}x model, "
                  f"aliased (updated in place) {step['alias_multiple']:.2f}x, temporaries {step['temp_multiple']:.2f}x")

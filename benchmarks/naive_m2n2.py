@@ -25,7 +25,7 @@ def make_child(a, b, ratio, split, noise_key, std, data, *, score_fn, mutation: 
     return child, score_fn(child, data)
 
 
-def naive_run(key, seed_models, score_fn, data, forward_passes, algorithm: mj.M2N2, params: mj.Params,
+def naive_run(key, seed_models, score_fn, data, forward_passes, algorithm: mj.M2N2, params: mj.M2N2Params,
               seed: int = 0):
     """One run of `algorithm`'s archive size and mutation switch with `params`' alpha and
     mutation std (two seeds, stacked (2, ...)); returns (archive models, scores (N, M),

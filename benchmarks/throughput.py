@@ -17,12 +17,12 @@ device per core (`harness.use_cpu_devices`), and the fastest of each is compared
     of each kept); and, for reference, `jit(vmap(mj.evolve))` over the seeds on one
     device (no logging);
 (c) a naive per-step Python loop (benchmarks/naive_m2n2.py), one seed.
-Then what the API's split into a static algorithm and traced `mj.Params` buys:
+Then what the API's split into a static algorithm and traced `mj.M2N2Params` buys:
 (d) compilation reuse: a second `mj.run` call with a new but equal `mj.M2N2(...)`
     value and the same score_fn, timed against the first (which compiles); the XLA
     compilations during each are counted;
 (e) a sweep over `--alphas` values of alpha (0, 0.25, ...) as ONE
-    `jit(vmap(mj.evolve))` over `mj.Params`, timed against the same runs one by one
+    `jit(vmap(mj.evolve))` over `mj.M2N2Params`, timed against the same runs one by one
     (`--alphas` calls of the jitted unbatched `mj.evolve`, and `--alphas` calls of
     `mj.run`), all on one device, compilation excluded (and reported apart).
 Prints passes per second, (b)/(a) (for each mutation RNG), our speed-up over (c), (d)
@@ -102,7 +102,8 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if min(args.runs, args.alphas, args.repeats, args.rounds) < 1 or args.passes < 3 or args.naive_passes < 3:
-        raise SystemExit("error: --runs, --alphas, --repeats and --rounds must be >= 1, --passes and --naive-passes >= 3")
+        raise SystemExit("error: --runs, --alphas, --repeats and --rounds must be >= 1, "
+                         "--passes and --naive-passes >= 3")
     counter = CompileCounter()
 
     train, test = digits.load_digits()
@@ -132,8 +133,8 @@ def main(argv=None):
         "first_wall_seconds": t1, "second_wall_seconds": t2, "ratio_second_over_first": t2 / t1,
         "first_run_wall_seconds": r1.wall_seconds, "second_run_wall_seconds": r2.wall_seconds,
         "first_compilations": c1, "second_compilations": c2,
-        "same_result": bool(np.array_equal(r1.test_accuracy, r2.test_accuracy)
-                            and np.array_equal(r1.train_accuracy, r2.train_accuracy)),
+        "same_result": bool(np.array_equal(r1.test_score, r2.test_score)
+                            and np.array_equal(r1.train_score, r2.train_score)),
         "mesh": "default", "runs": args.runs, "passes": args.passes,
     }
 
@@ -189,7 +190,8 @@ def main(argv=None):
         for _ in range(args.rounds):
             for label, algorithm in loops:
                 name = f"(b) m2n2_jax.run, {label}, lax.map over seeds, {dev_label}"
-                rows[name] = max(rows.get(name, 0.0), args.runs * args.passes / run(algorithm, args.passes).wall_seconds)
+                rows[name] = max(rows.get(name, 0.0),
+                                 args.runs * args.passes / run(algorithm, args.passes).wall_seconds)
 
     # (b) for reference: vmap over the seeds of one device, no logging, no validation.
     algorithm = mj.M2N2(mutation=True)
@@ -199,7 +201,7 @@ def main(argv=None):
         key_seeds, key_init, key_evolve = jax.random.split(key, 3)
         state, _ = mj.init_state(algorithm, score_fn, key_init, seed_fn(key_seeds), params, train)
         state = mj.evolve(algorithm, score_fn, state, key_evolve, params, train, steps)
-        return algorithm.best(state)[1]
+        return algorithm.best(state, params)[1]
 
     over_seeds = jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
     rows["(b) jit(vmap(mj.evolve)) over seeds, no logging, 1 device"] = (
@@ -220,7 +222,7 @@ def main(argv=None):
     def one_alpha(params):
         state, _ = mj.init_state(algorithm, score_fn, key_init, seeds, params, train)
         state = mj.evolve(algorithm, score_fn, state, key_evolve, params, train, steps)
-        model, train_score = algorithm.best(state)
+        model, train_score = algorithm.best(state, params)
         return train_score, score_fn(model, test).mean()
 
     sweep, single = jax.jit(jax.vmap(one_alpha)), jax.jit(one_alpha)
@@ -263,7 +265,8 @@ def main(argv=None):
     summary = {
         "ratio_loop_over_bare_forward": loop / bare_best,
         "ratio_loop_no_mutation_over_bare_forward": best("(b) m2n2_jax.run, no mutation") / bare_best,
-        "ratio_loop_over_bare_forward_plus_noise": loop / best("(a+noise) bare forward + mutation noise (threefry2x32)"),
+        "ratio_loop_over_bare_forward_plus_noise":
+            loop / best("(a+noise) bare forward + mutation noise (threefry2x32)"),
         **{f"ratio_loop_{rng}_over_bare_forward": best(f"(b) m2n2_jax.run, from scratch ({rng})") / bare_best
            for rng in MUTATION_RNGS[1:]},
         "ratio_loop_over_bare_forward_1_device": (best("(b) m2n2_jax.run, from scratch, lax.map over seeds, 1 device")

@@ -30,12 +30,12 @@ import dataclasses  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+import diffusion_protocol as dp  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-import diffusion_protocol as dp  # noqa: E402
 from diffusion_models import CACHE, Training  # noqa: E402
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
+
 from m2n2_jax.tasks import captions  # noqa: E402
 
 MODEL = "model / training (experiments/diffusion_models.py)"
@@ -185,8 +185,8 @@ def main(argv=None) -> dict:
         else:
             result, models = dp.run_evolutionary(name, p, spec)
             curves[name] = {"forward_passes": result.passes.tolist(),
-                            "test_ncs_mean": result.test_accuracy.mean(0).tolist(),
-                            "train_ncs_mean": result.train_accuracy.mean(0).tolist()}
+                            "test_ncs_mean": result.metrics["test_ncs"].mean(0).tolist(),
+                            "train_ncs_mean": result.metrics["train_ncs"].mean(0).tolist()}
         per_run[name] = [evaluate(m, encoders["ja"]) for m in models]
         samples[name] = grid_images(models[0], encoders["ja"])
         wall[name] = time.perf_counter() - t

@@ -25,14 +25,14 @@ import dataclasses
 import os
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import harness
-from m2n2_jax.tasks import captions
 from m2n2_jax.merge import leaf_path
+from m2n2_jax.tasks import captions
 from m2n2_jax.tasks.diffusion import Classifier, Denoiser, TextEncoder, conditioning_group, loss, to_unit
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")

@@ -28,28 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
+from collections.abc import Callable
 
 import diffusion_models
 import harness
+import jax
+import jax.numpy as jnp
+import methods
+import numpy as np
+from jax.sharding import Mesh
+
 import m2n2_jax as mj
 from m2n2_jax import merge_ops
 from m2n2_jax.sharding import AXES, runs_axis_size
 from m2n2_jax.tasks import captions, digits
 from m2n2_jax.tasks import diffusion as df
-from m2n2_jax.tasks.methods import M2N2_VARIANTS
 
 EVOLUTIONARY = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "m2n2-one-group", "ga", "cma-es")
 SEEDS = tuple(f"seed-{s}" for s in diffusion_models.SEEDS)
 OPERATORS = ("linear", "slerp", "task_arithmetic", "ties", "dare")
 METHODS = EVOLUTIONARY + OPERATORS
-M2N2_SWITCHES = {**{k: M2N2_VARIANTS[k] for k in ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga")},
-                 "m2n2-one-group": ({"groups": None}, 1.0)}
 METRICS = ("test_ncs", "fid", "digit_accuracy", "en_test_ncs", "en_fid", "en_digit_accuracy", "cross_lingual")
 
 
@@ -139,29 +137,30 @@ def fid_scores(p: Problem) -> Callable:
 
 
 def algorithm(name: str, p: Problem, spec):
-    """(algorithm, params, seed models, score_fn) of an evolutionary method."""
-    if name in M2N2_SWITCHES:
-        switches, alpha = M2N2_SWITCHES[name]
-        algo = mj.M2N2(**{"archive_size": spec.archive_size, "mutation": False, "capacity_rule": "max",
-                          "subtract_worst": True, "groups": df.conditioning_group, **switches})
-        params = algo.default_params().replace(alpha=jnp.float32(alpha), warmup=jnp.int32(spec.warmup))
-        return algo, params, p.seeds, p.score_fn
-    from evosax.algorithms import CMA_ES
-
+    """(algorithm, params, seed models, score_fn) of an evolutionary method, from the
+    experiments' menu (`methods.make_method`) with this protocol's settings:
+    "m2n2-one-group" is m2n2 without the conditioning groups, "cma-es" the menu's
+    CMA-ES over task-arithmetic weights of the three EN models on en-base."""
     d = p.models["denoisers"]
-    seeds = [d["en-base"], d["ja"], d["en-long"], d["en-thick"]]
-    algo = mj.MergeES.for_model(CMA_ES, "task_arithmetic", d["en-base"], mj.PathPrefix(2), 3, spec.population)
-    params = algo.default_params()
-    return algo, params.replace(es=params.es.replace(std_init=jnp.float32(spec.std_init))), seeds, fid_scores(p)
+    settings = methods.Settings(
+        mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max", subtract_worst=True,
+        warmup=spec.warmup, m2n2_groups=None if name == "m2n2-one-group" else df.conditioning_group,
+        population=spec.population, std_init=spec.std_init, template=d["en-base"], groups=mj.PathPrefix(2),
+        num_models=3)
+    if name == "cma-es":
+        algo, params = methods.make_method("ta-cma-es", settings)
+        return algo, params, [d["en-base"], d["ja"], d["en-long"], d["en-thick"]], fid_scores(p)
+    algo, params = methods.make_method("m2n2" if name == "m2n2-one-group" else name, settings)
+    return algo, params, p.seeds, p.score_fn
 
 
 def ncs_metrics(algo, p: Problem):
     """The runner's `metrics_fn`: the returned model's mean normalised similarity on the
     training and the test JA captions (every method's curve on one scale)."""
 
-    def metrics_fn(state, test):
-        model = algo.best(state)[0]
-        return {"train_accuracy": p.score_fn(model, p.train_batch).mean(), "test_accuracy": p.score_fn(model, test).mean()}
+    def metrics_fn(state, params, test):
+        model = algo.best(state, params)[0]
+        return {"train_ncs": p.score_fn(model, p.train_batch).mean(), "test_ncs": p.score_fn(model, test).mean()}
 
     return metrics_fn
 
@@ -181,7 +180,7 @@ def run_evolutionary(name: str, p: Problem, spec):
                     params=params, seed_models=seeds, test_data=test_batch, log_every=spec.log_every,
                     progress=not spec.no_progress, metrics_fn=ncs_metrics(algo, p),
                     mesh=single_data_mesh(spec.runs) if name == "cma-es" else None)
-    pick = jax.jit(lambda state: algo.best(state)[0])
+    pick = jax.jit(lambda state: algo.best(state, params)[0])
     return result, [jax.device_get(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
 
 
@@ -202,7 +201,8 @@ STATIC = {
     "linear": (lambda d, c, k: merge_ops.linear([d["ja"], _en_mean(d)], jnp.stack([1 - c["weight"], c["weight"]])),
                {"weight": WEIGHTS}),
     "slerp": (lambda d, c, k: merge_ops.slerp(d["ja"], _en_mean(d), c["weight"]), {"weight": WEIGHTS}),
-    "task_arithmetic": (lambda d, c, k: merge_ops.task_arithmetic(d["en-base"], _others(d), [1.0] * 3, scale=c["scale"]),
+    "task_arithmetic": (lambda d, c, k: merge_ops.task_arithmetic(d["en-base"], _others(d), [1.0] * 3,
+                                                                  scale=c["scale"]),
                         {"scale": np.linspace(0.25, 1.5, 6)}),
     "ties": (lambda d, c, k: merge_ops.ties(d["en-base"], _others(d), [1.0] * 3, c["density"], scale=c["scale"]),
              {"density": (0.2, 0.5, 0.8), "scale": SCALES}),

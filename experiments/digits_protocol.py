@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-
 import harness
-import m2n2_jax as mj
+import jax
+import methods
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
-from m2n2_jax.tasks import digits, methods, mnist
 from mnist_data import DATA_DIR
+
+import m2n2_jax as mj
+from m2n2_jax.tasks import digits, mnist
 
 INPUTS = {"digits": digits.INPUTS, "mnist": mnist.INPUTS}
 

@@ -17,12 +17,12 @@ experiments/results/diffusion/explorations/why_m2n2.log. Run from the repository
 import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
+import diffusion  # noqa: E402
+import diffusion_protocol as dp  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import diffusion  # noqa: E402
-import diffusion_protocol as dp  # noqa: E402
 import m2n2_jax as mj  # noqa: E402
 from m2n2_jax.tasks import diffusion as df  # noqa: E402
 
@@ -83,7 +83,8 @@ for name in ("m2n2", "m2n2-one-group"):
     for i in range(5):  # the first 20 passes after the seeds, 4 at a time
         state = evolve_4(state, jax.random.fold_in(k_run, 100 + i))
         s = jax.device_get(state)
-        print(f"   {name:<15} pass {4 + 4 * (i + 1):>3}: seeds left {int(seeds_left(s))}, occupied {int(s.occupied.sum())}, "
+        print(f"   {name:<15} pass {4 + 4 * (i + 1):>3}: seeds left {int(seeds_left(s))}, "
+              f"occupied {int(s.occupied.sum())}, "
               f"training similarity worst {s.scores[s.occupied].mean(1).min():.4f}")
     for i in range(12):
         state = evolve(state, jax.random.fold_in(k_run, i))

@@ -13,11 +13,10 @@ import time
 import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
-import numpy as np  # noqa: E402
-
 import lm_analysis  # noqa: E402
 import lm_protocol  # noqa: E402
 import lm_skills  # noqa: E402
+import numpy as np  # noqa: E402
 
 spec = lm_skills.Spec(pairs=("b",))
 p = lm_protocol.prepare(spec.training()["b"], spec)

@@ -28,9 +28,9 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-
 import lm_analysis  # noqa: E402
 import lm_models  # noqa: E402
+
 from m2n2_jax.tasks import skills  # noqa: E402
 from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
 

@@ -27,11 +27,12 @@ import harness
 harness.use_cpu_devices()
 
 import jax  # noqa: E402
-
+import methods  # noqa: E402
 from digits_protocol import Protocol, check_cma_es_memory, evolve, load_data  # noqa: E402
-from m2n2_jax.tasks import digits, methods  # noqa: E402
 
-METHODS = tuple(m for m in methods.METHODS if m != "brute-force")
+from m2n2_jax.tasks import digits  # noqa: E402
+
+METHODS = tuple(m for m in methods.METHODS if m not in ("brute-force", methods.TASK_VECTORS))
 
 
 def main(argv=None) -> dict:

@@ -16,16 +16,15 @@ Measurements of a specialist pair before any method runs (docs/lm_pairs.md):
 from __future__ import annotations
 
 import itertools
-import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import harness
 from m2n2_jax import merge_ops
 from m2n2_jax.merge import leaf_path
 from m2n2_jax.tasks import skills

@@ -31,12 +31,12 @@ import os
 import re
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import harness
 from m2n2_jax.merge import leaf_path
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import Transformer, sequence_loss
@@ -185,7 +185,8 @@ def load_or_train(t: Training, exclude, cache: str = CACHE, log=print, base_only
         mix = skills.mixture(dict(t.base_mixture), t.pool, np.random.default_rng((t.seed, 0)), exclude)
         base, losses = train_fn(model.init(k_init, jnp.zeros((1, model.max_len), jnp.int32)),
                                 skills.tokenize(mix), t.base_steps, t.base_lr, t.batch, k_base)
-        log(f"base: {t.base_steps} steps, final loss {float(losses[-10:].mean()):.4f}, {time.perf_counter() - t0:.0f} s")
+        log(f"base: {t.base_steps} steps, final loss {float(losses[-10:].mean()):.4f}, "
+            f"{time.perf_counter() - t0:.0f} s")
         return {"base": base}
 
     def finetune():

@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from collections.abc import Callable
 
 import harness
+import jax
+import jax.numpy as jnp
 import lm_analysis
 import lm_operators
-import m2n2_jax as mj
+import methods
+import numpy as np
 from lm_models import load_or_train, make_model
+
+import m2n2_jax as mj
 from m2n2_jax.tasks import skills
-from m2n2_jax.tasks.methods import M2N2_VARIANTS
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "cma-es-slerp")
@@ -54,34 +54,21 @@ EVOLUTIONARY = PAPER + ("cma-es-task-arithmetic", "m2n2-task-vectors")
 OPERATORS = tuple(lm_operators.BASELINES)
 SEEDS = ("base", "specialist_a", "specialist_b")
 METHODS = EVOLUTIONARY + OPERATORS
-M2N2_SWITCHES = {k: M2N2_VARIANTS[k] for k in ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga")}
+MENU_NAMES = {"cma-es-slerp": "slerp-cma-es", "cma-es-task-arithmetic": "ta-cma-es"}  # this JSON's names -> the menu's
 
 
 def algorithm(name: str, models: dict, skill_of_point, spec):
-    """(algorithm, params, seed models) of an evolutionary method."""
+    """(algorithm, params, seed models) of an evolutionary method, from the experiments'
+    menu (`methods.make_method`) with this protocol's settings."""
     pair = [models["specialist_a"], models["specialist_b"]]
-    if name in M2N2_SWITCHES or name == "m2n2-task-vectors":
-        switches, alpha = M2N2_SWITCHES.get(name, ({}, 1.0))
-        tv = name == "m2n2-task-vectors"
-        algo = mj.M2N2(archive_size=spec.archive_size, mutation=False, capacity_rule="max", task_vectors=tv,
-                       groups=lm_analysis.transformer_unit if tv else None,
-                       **({"task_vector_norm": spec.task_vector_norm} if tv else {}), **switches)
-        params = algo.default_params().replace(alpha=jnp.float32(alpha), warmup=jnp.int32(spec.warmup),
-                                               capacity=question_weights(skill_of_point))
-        if tv:
-            params = params.replace(base=models["base"], magnitude_std=jnp.float32(spec.magnitude_std))
-        return algo, params, pair
-    if name == "map-elites":
-        algo = mj.MapElites(bins=(4, 4), mutation=False)
-        return algo, algo.default_params().replace(descriptor=mj.group_descriptor(skill_of_point)), pair
-    from evosax.algorithms import CMA_ES
-
-    recipe, seeds = {"cma-es-slerp": ("slerp", pair), "cma-es-task-arithmetic": ("task_arithmetic",
-                                                                                  [models["base"], *pair])}[name]
-    algo = mj.MergeES.for_model(CMA_ES, recipe, models["base"], lm_analysis.transformer_unit, len(seeds) - 1,
-                                spec.population)
-    params = algo.default_params()
-    return algo, params.replace(es=params.es.replace(std_init=jnp.float32(spec.std_init))), seeds
+    settings = methods.Settings(
+        mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max", warmup=spec.warmup,
+        capacity=question_weights(skill_of_point), bins=(4, 4), descriptor=mj.group_descriptor(skill_of_point),
+        population=spec.population, std_init=spec.std_init, template=models["base"],
+        groups=lm_analysis.transformer_unit, num_models=2, base=models["base"], magnitude_std=spec.magnitude_std,
+        task_vector_norm=spec.task_vector_norm)
+    algo, params = methods.make_method(MENU_NAMES.get(name, name), settings)
+    return algo, params, [models["base"], *pair] if name == "cma-es-task-arithmetic" else pair
 
 
 def question_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
@@ -108,7 +95,7 @@ def skill_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
     return jnp.asarray(onehot / onehot.sum(0))
 
 
-def returned_model(algo, state, score_fn, train, weights):
+def returned_model(algo, state, params, score_fn, train, weights):
     """(model, mean of the skills' training scores) of the model a method returns: the
     archive member with the best mean of the skills (archive methods), else the
     algorithm's own best. The runner's default ranks by the mean over questions, which
@@ -117,17 +104,17 @@ def returned_model(algo, state, score_fn, train, weights):
     if isinstance(state, mj.Archive):
         means = jnp.where(state.occupied, (state.scores @ weights).mean(-1), -jnp.inf)
         index = jnp.argmax(means)
-        return jax.tree.map(lambda p: p[index], state.params), means[index]
-    model = algo.best(state)[0]
+        return jax.tree.map(lambda p: p[index], state.models), means[index]
+    model = algo.best(state, params)[0]
     return model, (score_fn(model, train) @ weights).mean()
 
 
 def skill_metrics(algo, score_fn, train, weights, test_weights):
     """The runner's `metrics_fn`: the returned model's mean of skills, train and test."""
 
-    def metrics_fn(state, test):
-        model, train_mean = returned_model(algo, state, score_fn, train, weights)
-        return {"train_accuracy": train_mean, "test_accuracy": (score_fn(model, test) @ test_weights).mean()}
+    def metrics_fn(state, params, test):
+        model, train_mean = returned_model(algo, state, params, score_fn, train, weights)
+        return {"train_skill_mean": train_mean, "test_skill_mean": (score_fn(model, test) @ test_weights).mean()}
 
     return metrics_fn
 
@@ -178,7 +165,7 @@ def run_evolutionary(name: str, algo, params, seeds, p: Pair, spec):
                     params=params, seed_models=seeds, test_data=p.test_batch, log_every=spec.log_every,
                     progress=not spec.no_progress,
                     metrics_fn=skill_metrics(algo, p.score_fn, p.train_batch, p.weights, p.test_weights))
-    pick = jax.jit(lambda state: returned_model(algo, state, p.score_fn, p.train_batch, p.weights)[0])
+    pick = jax.jit(lambda state: returned_model(algo, state, params, p.score_fn, p.train_batch, p.weights)[0])
     return result, [p.evaluate(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
 
 
@@ -214,8 +201,8 @@ def run_pair(pair: str, training, spec, log=print) -> dict:
         else:
             result, scores = run_evolutionary(name, *algorithm(name, models, p.skill_of_point, spec), p, spec)
             curves[name] = {"forward_passes": result.passes.tolist(),
-                            "test_score_mean": result.test_accuracy.mean(0).tolist(),
-                            "train_score_mean": result.train_accuracy.mean(0).tolist()}
+                            "test_score_mean": result.metrics["test_skill_mean"].mean(0).tolist(),
+                            "train_score_mean": result.metrics["train_skill_mean"].mean(0).tolist()}
         per_run[name] = [s["test"] for s in scores]
         train_scores[name] = {k: float(np.mean([s["train"][k] for s in scores])) for k in names}
         wall[name] = time.perf_counter() - t

@@ -39,13 +39,13 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
 import lm_analysis  # noqa: E402
 import lm_protocol  # noqa: E402
+import numpy as np  # noqa: E402
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
 from lm_models import CACHE, PAIRS, Training  # noqa: E402
 from lm_protocol import METHODS  # noqa: E402
+
 from m2n2_jax.tasks import skills  # noqa: E402
 
 MIN_FORWARD_PASSES = 28  # CMA-ES over task-arithmetic weights: 3 seeds and a generation of 25

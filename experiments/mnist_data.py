@@ -17,10 +17,10 @@ import dataclasses
 import os
 import time
 
-import numpy as np
-
 import harness
+import numpy as np
 from harness import flag
+
 from m2n2_jax.tasks import mnist
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "tfds")

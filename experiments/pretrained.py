@@ -24,8 +24,9 @@ harness.use_cpu_devices()
 
 from digits_protocol import Protocol, evolve, load_data  # noqa: E402
 from harness import POSITIVE, flag  # noqa: E402
-from m2n2_jax.tasks import digits  # noqa: E402
 from specialists import CACHE, HALVES, label_accuracy, load_or_train  # noqa: E402
+
+from m2n2_jax.tasks import digits  # noqa: E402
 
 METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "brute-force", "slerp-cma-es")
 

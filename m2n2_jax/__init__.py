@@ -1,31 +1,43 @@
 """m2n2_jax: Model Merging of Natural Niches (M2N2) in JAX.
 
-The public API, re-exported from modules named by concept. Tasks (data, models,
-scores of the experiments) live in `m2n2_jax.tasks`, imported explicitly; safetensors
-I/O in `m2n2_jax.safetensors_io` (needs the `safetensors` package).
+The public API, re-exported from modules named by concept (docs/api.md). Every method
+lives in `m2n2_jax.algorithms` (one module each, and their registry `ALGORITHMS`).
+Tasks (data, models, scores of the experiments) live in `m2n2_jax.tasks`, imported
+explicitly; safetensors I/O in `m2n2_jax.safetensors_io` (needs `safetensors`).
 """
 
+__version__ = "0.3.0"  # the one source: pyproject.toml reads it
+
 from m2n2_jax import merge_ops
-from m2n2_jax.algorithm import M2N2, Params
-from m2n2_jax.archive import Archive
+from m2n2_jax.algorithms import ALGORITHMS, M2N2, EvosaxES, MapElites, MergeES, RandomSearch, SlerpGrid
+from m2n2_jax.algorithms.m2n2 import Params as M2N2Params
+from m2n2_jax.algorithms.m2n2 import uniform_pair
+from m2n2_jax.algorithms.map_elites import group_descriptor
+from m2n2_jax.archive import Archive, insert_worst_leaves
 from m2n2_jax.base import Algorithm
-from m2n2_jax.baselines.brute_force import SlerpGrid
-from m2n2_jax.baselines.evosax_es import EvosaxES
-from m2n2_jax.baselines.map_elites import MapElites, group_descriptor
-from m2n2_jax.baselines.merge_es import MergeES
 from m2n2_jax.checkpoint import Checkpointing
+from m2n2_jax.checks import check_contract
 from m2n2_jax.fitness import attraction, resource_fitness
-from m2n2_jax.merge import PathPrefix, leaf_groups, leaf_path, num_params, slerp, slerp_coefficients, split_point_slerp
+from m2n2_jax.merge import (
+                            PathPrefix,
+                            group_sizes,
+                            leaf_groups,
+                            leaf_path,
+                            num_params,
+                            slerp,
+                            slerp_coefficients,
+                            split_point_slerp,
+)
 from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
-from m2n2_jax.runner import RunResult, best_model_metrics, evolve, init_state, run, step
+from m2n2_jax.runner import RunResult, Schedule, evolve, init_state, run, schedule, step, test_score_metrics
 from m2n2_jax.scoring import evaluate
 from m2n2_jax.selection import proportional, sample_parents
 
 __all__ = [
-    "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "MUTATION_RNGS", "MapElites", "MergeES", "Params",
-    "PathPrefix", "RunResult", "SlerpGrid",
-    "attraction", "best_model_metrics", "evaluate", "evolve", "gaussian_mutation", "group_descriptor", "init_state",
-    "leaf_groups", "leaf_path", "merge_ops", "num_params", "proportional", "resource_fitness", "run", "sample_parents", "slerp",
-    "slerp_coefficients", "split_point_slerp", "step",
+    "ALGORITHMS", "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "M2N2Params", "MUTATION_RNGS",
+    "MapElites", "MergeES", "PathPrefix", "RandomSearch", "RunResult", "Schedule", "SlerpGrid",
+    "attraction", "check_contract", "evaluate", "evolve", "gaussian_mutation", "group_descriptor", "group_sizes",
+    "init_state", "insert_worst_leaves", "leaf_groups", "leaf_path", "merge_ops", "num_params", "proportional",
+    "resource_fitness", "run", "sample_parents", "schedule", "slerp", "slerp_coefficients", "split_point_slerp",
+    "step", "test_score_metrics", "uniform_pair",
 ]
-__version__ = "0.2.0"

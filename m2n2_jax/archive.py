@@ -1,6 +1,6 @@
 """The archive: N stacked models, their score matrix and which slots are occupied.
 
-Memory: the stacked params hold N copies of the model (N * D * itemsize bytes) and the
+Memory: the stacked models hold N copies of the model (N * D * itemsize bytes) and the
 scores N * M float32; insertion updates one slot in place.
 """
 
@@ -17,14 +17,14 @@ class Archive:
     """Stacked archive state.
 
     Attributes:
-      params: pytree whose leaves have a leading axis N (slot).
+      models: the model pytree with a leading axis N (slot) on every leaf.
       scores: S, float32 (N, M); all zeros in an empty slot.
       occupied: bool (N,); empty slots are never parents and are replaced first.
       asked: int32 scalar, the number of children asked for so far (M2N2's warm-up
         counts them; one per ask unless `M2N2.children_per_step` > 1).
     """
 
-    params: object
+    models: object
     scores: jax.Array
     occupied: jax.Array
     asked: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
@@ -36,9 +36,9 @@ class Archive:
 
 def empty(template, num_slots: int, num_points: int) -> Archive:
     """An archive of `num_slots` empty slots shaped like the model `template`."""
-    params = jax.tree.map(lambda x: jnp.zeros((num_slots,) + x.shape, x.dtype), template)
+    models = jax.tree.map(lambda x: jnp.zeros((num_slots,) + x.shape, x.dtype), template)
     return Archive(
-        params=params,
+        models=models,
         scores=jnp.zeros((num_slots, num_points), jnp.float32),
         occupied=jnp.zeros((num_slots,), bool),
         asked=jnp.zeros((), jnp.int32),
@@ -47,7 +47,7 @@ def empty(template, num_slots: int, num_points: int) -> Archive:
 
 def get(archive: Archive, index: jax.Array):
     """The model in slot `index`, a pytree without the slot axis."""
-    return jax.tree.map(lambda p: p[index], archive.params)
+    return jax.tree.map(lambda p: p[index], archive.models)
 
 
 def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept: jax.Array) -> Archive:
@@ -57,9 +57,9 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
     its own contents), so inside `lax.scan` the update happens in place.
     """
     keep = lambda new, stack: jnp.where(accept, new, stack[index])
-    params = jax.tree.map(lambda stack, new: stack.at[index].set(keep(new, stack)), archive.params, model)
+    models = jax.tree.map(lambda stack, new: stack.at[index].set(keep(new, stack)), archive.models, model)
     return archive.replace(
-        params=params,
+        models=models,
         scores=archive.scores.at[index].set(keep(scores, archive.scores)),
         occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),
     )
@@ -100,7 +100,7 @@ def insert_each(archive: Archive, models, scores: jax.Array, insert) -> Archive:
     shaped like the archive's."""
     p = scores.shape[0]
     chex.assert_shape(scores, (p, archive.scores.shape[1]))
-    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p,) + x.shape[1:], x.dtype), archive.params)
+    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p,) + x.shape[1:], x.dtype), archive.models)
     chex.assert_trees_all_equal_shapes(models, expected)
     for i in range(p):
         archive = insert(archive, jax.tree.map(lambda x: x[i], models), scores[i].astype(jnp.float32))

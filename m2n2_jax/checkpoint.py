@@ -63,6 +63,18 @@ def _jsonable(x):
     return json.loads(json.dumps(x))
 
 
+def _flat(meta: dict, prefix: str = "") -> dict:
+    """Nested dicts flattened to "outer inner" keys, so a mismatch names the innermost
+    field (e.g. "params .alpha", "user seed")."""
+    flat = {}
+    for k, v in meta.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flat(v, f"{prefix}{k} "))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -101,7 +113,8 @@ class Store:
         return step
 
     def save(self, passes: int, state, keys: jax.Array, metrics: dict, stamps) -> None:
-        logs = {"keys": np.asarray(jax.random.key_data(keys)), "metrics": {k: np.asarray(v) for k, v in metrics.items()},
+        logs = {"keys": np.asarray(jax.random.key_data(keys)),
+                "metrics": {k: np.asarray(v) for k, v in metrics.items()},
                 "wall": np.asarray(stamps)}
         self.manager.save(passes, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), logs=ocp.args.StandardSave(logs),
@@ -113,16 +126,18 @@ class Store:
         metrics maps each name to (R, num_logged).
 
         Raises ValueError, changing nothing on disk, if the checkpoint is unreadable or
-        belongs to another run (different budget, seeds, keys or model shapes).
+        belongs to another run (different budget, seeds, keys, model shapes, params
+        field, training data or score_fn; the message names each).
         """
         where = os.path.join(self.config.directory, str(passes))
         try:
             meta = self.manager.restore(passes, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises various errors for damaged files
             raise ValueError(f"cannot read checkpoint {where} (corrupt or incomplete?): {e}") from e
-        diff = sorted(k for k in set(meta) | set(self.meta) if meta.get(k) != self.meta.get(k))
+        saved, now = _flat(meta), _flat(self.meta)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
-            details = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs this run {self.meta.get(k)!r}" for k in diff)
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs this run {now.get(k)!r}" for k in diff)
             raise ValueError(f"checkpoint {where} belongs to a different run ({details})")
         key_data = np.asarray(jax.random.key_data(keys))
         logs_template = {"keys": key_data,

@@ -1,10 +1,9 @@
-"""Validation at the library's boundaries: clear ValueErrors instead of silent NaNs.
-
-The runner stacks seed models with `stack_models`, which names the first leaf that differs."""
+"""Validation at the library's boundaries: clear ValueErrors instead of silent NaNs or
+errors deep inside a compiled program. Each names the leaf or argument at fault."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,55 @@ def stack_models(models: Sequence) -> object:
                     f"model 0 has {jnp.result_type(y)}{list(jnp.shape(y))}; all seed models must match"
                 )
     return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+
+
+def check_float_leaves(tree, what: str) -> None:
+    """Raise unless every leaf is a floating-point array: merging interpolates and
+    mutation adds noise, which integer or boolean leaves cannot hold."""
+    for path, leaf in jax.tree.flatten_with_path(tree)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(f"{what}: leaf {jax.tree_util.keystr(path)} is {jnp.result_type(leaf)}; every leaf "
+                             "that is merged must be floating point (keep integer buffers out of the model, "
+                             "e.g. in score_fn's closure)")
+
+
+def check_contract(algorithm, seed_models, num_points: int, params) -> None:
+    """Check, with `jax.eval_shape` (nothing computed), what the runner relies on
+    (base.py): `ask` and `tell` keep the state's structure and every leaf's shape and
+    dtype (the state is a `lax.scan` carry; a Python number in the state becomes a
+    weakly typed array that `tell` must keep of the same dtype).
+
+    Args:
+      seed_models: one run's seeds, stacked (S, ...).
+      params: one run's params.
+
+    Raises:
+      ValueError naming the method and the offending leaf.
+    """
+    name = type(algorithm).__name__
+    num_seeds = jax.tree.leaves(seed_models)[0].shape[0]
+    key = jax.random.key(0)
+    seed_scores = jax.ShapeDtypeStruct((num_seeds, num_points), jnp.float32)
+    state = jax.eval_shape(algorithm.init, key, seed_models, seed_scores, params)
+    children, asked = jax.eval_shape(algorithm.ask, key, state, params)
+    _same_state(name + ".ask", asked, state)
+    pop = algorithm.population_size
+    scores = jax.ShapeDtypeStruct((pop, num_points), jnp.float32)
+    for path, child in jax.tree.flatten_with_path(children)[0]:
+        if child.shape[:1] != (pop,):
+            raise ValueError(f"{name}.ask: child leaf {jax.tree_util.keystr(path)} has shape {child.shape}, "
+                             f"expected a leading axis of population_size = {pop}")
+    _same_state(name + ".tell", jax.eval_shape(algorithm.tell, key, state, children, scores, params), state)
+
+
+def _same_state(what: str, new, old) -> None:
+    if jax.tree.structure(new) != jax.tree.structure(old):
+        raise ValueError(f"{what} changed the state's structure: "
+                         f"{jax.tree.structure(new)} vs {jax.tree.structure(old)}")
+    for (path, x), y in zip(jax.tree.flatten_with_path(new)[0], jax.tree.leaves(old)):
+        if (x.shape, x.dtype) != (y.shape, y.dtype):
+            raise ValueError(f"{what}: state leaf {jax.tree_util.keystr(path)} is {x.dtype}{list(x.shape)}, "
+                             f"init gave {y.dtype}{list(y.shape)}; every leaf must keep its shape and dtype")
 
 
 def check_finite_params(tree, what: str) -> None:

@@ -56,16 +56,24 @@ class PathPrefix:
 
 
 def leaf_groups(tree: PyTree, group_fn: GroupFn | None) -> tuple[int, ...]:
-    """The group index of each leaf (in `jax.tree.leaves` order).
+    """The group index of each leaf (in `jax.tree.leaves` order), from labels to indices.
 
-    `group_fn(path)` labels a leaf by its path string (`leaf_path`); labels become
-    indices 0, 1, ... in order of first appearance. None: one group.
+    `group_fn(path)` labels a leaf by its path string (`leaf_path`) with any hashable
+    value; labels become indices 0, 1, ... in order of first appearance (what
+    `split_point_slerp(groups=)` and `group_sizes` take). None: one group.
     """
     paths = [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     if group_fn is None:
         return (0,) * len(paths)
     index: dict = {}
-    return tuple(index.setdefault(group_fn(p), len(index)) for p in paths)
+    for p in paths:
+        label = group_fn(p)
+        try:
+            index.setdefault(label, len(index))
+        except TypeError:
+            raise ValueError(f"group labels must be hashable (a str, an int, a tuple): the group function "
+                             f"gave {label!r} for leaf {p!r}") from None
+    return tuple(index[group_fn(p)] for p in paths)
 
 
 def group_sizes(tree: PyTree, groups: tuple[int, ...]) -> tuple[int, ...]:
@@ -135,9 +143,12 @@ def split_point_slerp(
       a, b: parent pytrees of the same structure and dtypes.
       ratio: w, float scalar in [0, 1]; shape (G,) with groups.
       split: k, int scalar in [0, D]; k = D gives slerp(w), k = 0 gives slerp(1 - w).
-        Shape (G,) with groups, k_g in [0, D_g].
-      groups: the group index of each leaf (`leaf_groups`); None is one group, and
-        one group is exactly the ungrouped merge.
+        Shape (G,) with groups, k_g in [0, D_g]. (M2N2 draws k uniformly in [0, D),
+        SPEC.md; every value of [0, D] is a valid merge.)
+      groups: the group index 0 .. G - 1 of each leaf, a tuple of ints in
+        `jax.tree.leaves` order: what `leaf_groups(model, fn)` returns for M2N2's
+        `groups=fn` (a function labelling leaf paths). None is one group, and one
+        group is exactly the ungrouped merge.
 
     Returns:
       The child, a pytree like `a` (each leaf keeps its dtype).

@@ -25,16 +25,19 @@ itself computed (tests/fixtures/mergekit_0.1.5.npz).
 |---|---|---|---|
 | linear `normalize` | True | True | divide by sum_i w_i (a sum with abs < 1e-8 counts as 1) |
 | task_arithmetic `normalize` | False | False | divide the mixed task vector by sum_i w_i (same guard) |
-| ties `normalize` | True | True | divide by the sum of the weights whose tau_i agrees with the elected sign (0 counts as 1) |
+| ties `normalize` | True | True | divide by the sum of the weights whose tau_i has the elected sign (0 counts as 1) |
 | dare `normalize` | False | False (dare_linear, dare_ties) | as task_arithmetic, or as ties with `sign_consensus` |
 | `scale` | 1.0 | `lambda` 1.0 | multiplies the mixed task vector |
 | ties / dare `density` | required | 1.0 | fraction of each tau_i kept; scalar or one per model |
-| dare `rescale` | "inverse" | rescale=True, i.e. "l1" | kept entries times 1/density ("inverse", the DARE paper), times norm1(tau_i)/norm1(kept tau_i) per tensor ("l1", mergekit), or 1 ("none") |
-| dare `sign_consensus` | False | dare_linear: False, dare_ties: True | TIES's sign election and disjoint sum after the drop |
+| dare `rescale` | "inverse" | rescale=True, i.e. "l1" | how kept entries are scaled (see `rescale` below) |
+| dare `sign_consensus` | False | dare_ties: True, else False | TIES's sign election and disjoint sum after the drop |
 | ties / dare `convention` | "m2n2" | "mergekit" | see below |
 | slerp `per_tensor` | False | True | one angle per leaf (mergekit) instead of one for the whole model (M2N2) |
 | slerp `dot_threshold` | 1.0 | 0.9995 | interpolate linearly where abs(cos angle) > it |
 | slerp `eps` | 1e-6 | 1e-8 (norm floor) | linear where sin(angle) < eps; per tensor, a norm <= eps counts as 1 |
+
+`rescale` (dare): kept entries times 1/density ("inverse", the DARE paper), times
+norm1(tau_i)/norm1(kept tau_i) per tensor ("l1", mergekit), or 1 ("none").
 
 `convention` ("m2n2": the rules our operators always had; "mergekit": mergekit 0.1.5):
 - TIES count: k = round(density n) (half to even), clipped to [1, n] | k = int(density n)
@@ -119,6 +122,13 @@ def _scalar(value, name: str) -> jax.Array:
     if v.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
     return v
+
+
+def _within(value: jax.Array, low: float, high: float, name: str) -> jax.Array:
+    """value, after a ValueError if it is concrete (not traced) and outside [low, high]."""
+    if not isinstance(value, jax.core.Tracer) and not bool(jnp.all((value >= low) & (value <= high))):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
 
 
 def _choice(value, allowed, name: str):
@@ -222,7 +232,7 @@ def slerp(a, b, t, *, per_tensor=False, eps=1e-6, dot_threshold=1.0):
     linear where |cos| > dot_threshold or sin(Omega) < eps.
     """
     _check_trees([a, b], ["a", "b"])
-    t = _scalar(t, "t")
+    t = _within(_scalar(t, "t"), 0.0, 1.0, "t")
     if not per_tensor:
         return merge.slerp(a, b, t, eps, dot_threshold)
 
@@ -321,7 +331,8 @@ def _sparse_arguments(base, models, weights, density, scale, convention):
     _choice(convention, _CONVENTIONS, "convention")
     models = _models(models, base)
     k = len(models)
-    return models, _per_model(weights, k, "weights"), _per_model(density, k, "density"), _scalar(scale, "scale")
+    density = _within(_per_model(density, k, "density"), 0.0, 1.0, "density (the fraction kept)")
+    return models, _per_model(weights, k, "weights"), density, _scalar(scale, "scale")
 
 
 def _num_models(models) -> int:

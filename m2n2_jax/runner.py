@@ -15,7 +15,9 @@ import dataclasses
 import functools
 import hashlib
 import time
-from typing import Any, Callable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,14 @@ from tqdm.auto import tqdm
 
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
-from m2n2_jax.checks import check_finite_params, check_scores, stack_models, valid_children
+from m2n2_jax.checks import (
+    check_contract,
+    check_finite_params,
+    check_float_leaves,
+    check_scores,
+    stack_models,
+    valid_children,
+)
 from m2n2_jax.scoring import evaluate, num_points
 from m2n2_jax.sharding import check_mesh, default_mesh, from_process_0, pad_points, to_host
 
@@ -60,13 +69,15 @@ def evolve(algorithm: Algorithm, score_fn: Callable, state, key: jax.Array, para
     return jax.lax.scan(body, state, jnp.arange(num_steps))[0]
 
 
-def best_model_metrics(algorithm: Algorithm, score_fn: Callable) -> Callable:
-    """The default `metrics_fn`: the best-train model's mean training and test scores."""
+def test_score_metrics(algorithm: Algorithm, score_fn: Callable) -> Callable:
+    """The default `metrics_fn`: {"test_score": the best-train model's mean score on
+    the test data}, or nothing without test data."""
 
-    def metrics_fn(state, test_data):
-        model, train = algorithm.best(state)
-        test = jnp.float32(jnp.nan) if test_data is None else score_fn(model, test_data).mean()
-        return {"train_accuracy": train.astype(jnp.float32), "test_accuracy": test.astype(jnp.float32)}
+    def metrics_fn(state, params, test_data):
+        if test_data is None:
+            return {}
+        model, _ = algorithm.best(state, params)
+        return {"test_score": score_fn(model, test_data).mean().astype(jnp.float32)}
 
     return metrics_fn
 
@@ -77,12 +88,14 @@ class RunResult:
 
     Attributes:
       passes: (L,) forward passes spent at each logged point.
-      metrics: name -> (R, L) values of `metrics_fn` at each logged point (by default
-        "train_accuracy" and "test_accuracy" of the best-train model; NaN without test data).
+      metrics: name -> (R, L) values at each logged point: always "train_score" (the
+        mean training score that `algorithm.best` reports), and what `metrics_fn`
+        returns (by default "test_score", the best-train model's mean score on the
+        test data, when there are test data).
       state: final algorithm state of every run, stacked (leading axis R): jax Arrays
         sharded over the mesh's "runs" axis; with several processes (jax.distributed),
         host NumPy arrays gathered to every process.
-      best_params: `algorithm.best` of every run, stacked (leading axis R), placed like `state`.
+      best_models: `algorithm.best`'s model of every run, stacked (leading axis R), placed like `state`.
       wall_seconds: time of the evolution, compilation included.
       log_wall_seconds: (L,) wall time when each logged point reached the host.
       stopped_by_time_limit: the run stopped before its budget (see `run`'s time_limit).
@@ -91,26 +104,34 @@ class RunResult:
     passes: np.ndarray
     metrics: dict
     state: Any
-    best_params: Any
+    best_models: Any
     wall_seconds: float
     log_wall_seconds: np.ndarray
     stopped_by_time_limit: bool = False
 
-    @property
-    def test_accuracy(self) -> np.ndarray:
-        return self.metrics["test_accuracy"]
+    def _metric(self, name: str) -> np.ndarray:
+        if name not in self.metrics:
+            raise ValueError(f"this run logged no {name!r} (its metrics: {sorted(self.metrics)}); "
+                             "test_score needs test_data, and a custom metrics_fn must return it")
+        return self.metrics[name]
 
     @property
-    def train_accuracy(self) -> np.ndarray:
-        return self.metrics["train_accuracy"]
+    def train_score(self) -> np.ndarray:
+        """(R, L) mean training score of the model `best` returns."""
+        return self._metric("train_score")
 
     @property
-    def final_test_accuracy(self) -> np.ndarray:
-        return self.test_accuracy[:, -1]
+    def test_score(self) -> np.ndarray:
+        """(R, L) mean test score of the best-train model."""
+        return self._metric("test_score")
 
     @property
-    def final_train_accuracy(self) -> np.ndarray:
-        return self.train_accuracy[:, -1]
+    def final_train_score(self) -> np.ndarray:
+        return self.train_score[:, -1]
+
+    @property
+    def final_test_score(self) -> np.ndarray:
+        return self.test_score[:, -1]
 
 
 def run(
@@ -132,21 +153,28 @@ def run(
     checkpoint: Checkpointing | None = None,
     time_limit: float | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> RunResult:
     """Run `algorithm` for `forward_passes` forward passes, one run per key.
 
     Args:
       algorithm: any `Algorithm` (M2N2, MapElites, EvosaxES, SlerpGrid, yours).
-      key: a PRNG key, or a 1-D batch of R keys for R independent runs.
+      key: a typed PRNG key (`jax.random.key`) or raw uint32 key data, or a 1-D batch
+        of R of them for R independent runs.
       score_fn: (model, batch) -> per-datapoint scores (M,) in [0, 1], maximised.
-      data: training datapoints, a pytree whose leaves share a leading axis M.
-      forward_passes: total budget, seeds included; at least S + P.
-      params: the algorithm's `Params` (default `algorithm.default_params()`), shared by the runs.
+      data: training datapoints, a pytree whose leaves share a leading axis M >= 1.
+      forward_passes: total budget, seeds included: S + k P for k >= 1 steps of P
+        children (a remainder that is no whole step is not spent, with a warning).
+      params: the algorithm's hyperparameters (default `algorithm.default_params()`):
+        shared by the runs, or per run, when every leaf has a leading axis R (and the
+        default's leaves one more dimension than `default_params()`'s), e.g. a sweep
+        over alpha: `params.replace(alpha=jnp.array([0., .5, 1.]))` with 3 keys.
       seed_models: S model pytrees shared by every run (merging pre-trained models), or
       seed_fn: key -> models stacked (S, ...), each run's own seeds (from scratch).
       test_data: datapoints given to `metrics_fn` (like `data`).
-      metrics_fn: (state, test_data) -> dict of scalars, logged (default
-        `best_model_metrics`). It sees the whole test set on every device.
+      metrics_fn: (state, params, test_data) -> dict of scalars, logged besides
+        "train_score" (default `test_score_metrics`: "test_score" when there are test
+        data). It sees one run's state and params, and the whole test set on every device.
       log_every: log when the pass count reaches a multiple of this, and at the end.
       chunk_size: score datapoints this many at a time (`lax.map`), bounding memory.
       steps_per_call: steps per compiled call (progress and time-limit granularity).
@@ -158,33 +186,38 @@ def run(
         `jax.distributed.initialize()` every process calls `run` alike, and the mesh
         must hold devices of every process (the default takes the global `jax.devices()`).
       checkpoint: save the whole run with orbax when the pass count crosses a multiple
-        of `checkpoint.every` (and at the end); with `resume`, continue from the latest.
+        of `checkpoint.every` (and at the end); with `resume`, continue from the
+        latest, refused (naming what differs) unless the algorithm, each params field,
+        the budget, the keys, the seeds, the training data and the score_fn's name match.
       time_limit: seconds; stop after the first call that ends past it (on process 0's
         clock). The result then ends at the passes actually spent, its last point measured there.
       progress: show a progress bar (on process 0 only).
+      name: the progress bar's label (default: the algorithm's class name).
 
     Returns:
       RunResult.
     """
     if not isinstance(algorithm, Algorithm):
         raise ValueError(f"algorithm must be an m2n2_jax.Algorithm, got {type(algorithm).__name__}")
-    params = algorithm.default_params() if params is None else params
     keys = _as_run_keys(key)
     num_runs = keys.shape[0]
-    for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call), ("chunk_size", chunk_size)):
+    for arg, value in (("log_every", log_every), ("steps_per_call", steps_per_call), ("chunk_size", chunk_size)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
-    m = num_points(data)
+    m = num_points(data, "data")
     if test_data is not None:
-        num_points(test_data)
+        num_points(test_data, "test_data")
         if jax.tree.structure(test_data) != jax.tree.structure(data):
             raise ValueError("test_data must have the same pytree structure as data")
+    params, per_run = check_params(algorithm, algorithm.default_params() if params is None else params, num_runs)
     mesh = check_mesh(default_mesh(num_runs) if mesh is None else mesh)
     runs_axis, data_axis = mesh.shape["runs"], mesh.shape["data"]
     padded = jnp.concatenate([keys, jnp.repeat(keys[-1:], -num_runs % runs_axis, axis=0)])
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
+    if per_run:
+        params = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], -num_runs % runs_axis, axis=0)]), params)
 
     if (seed_models is None) == (seed_fn is None):
         raise ValueError("pass exactly one of seed_models (shared) and seed_fn (key -> stacked seeds per run)")
@@ -192,7 +225,10 @@ def run(
     seeds = stack_models(list(seed_models)) if shared else _seed_models(seed_fn, init_keys)
     one_run_seeds = seeds if shared else jax.tree.map(lambda x: x[0], seeds)
     num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
+    check_float_leaves(one_run_seeds, "seed models")
     check_finite_params(seeds, "seed models")
+    if algorithm.num_seeds is not None and num_seeds != algorithm.num_seeds:
+        raise ValueError(f"{type(algorithm).__name__} takes {algorithm.num_seeds} seed models, got {num_seeds}")
     template = jax.tree.map(lambda x: x[0], one_run_seeds)
     try:
         out = jax.eval_shape(score_fn, template, data)
@@ -200,29 +236,28 @@ def run(
         raise ValueError(f"score_fn cannot evaluate a seed model on data (wrong data shape?): {e}") from e
     if out.shape != (m,):
         raise ValueError(f"score_fn must return per-datapoint scores of shape ({m},), got {out.shape}")
-    pop = algorithm.population_size
-    if not isinstance(forward_passes, (int, np.integer)) or forward_passes < num_seeds + pop:
-        raise ValueError(f"forward_passes must be an int >= seeds + population = {num_seeds} + {pop}, "
-                         f"got {forward_passes!r}")
-    num_steps = (forward_passes - num_seeds) // pop
-    call_steps = max(1, min(num_steps, steps_per_call or max(100, -(-num_steps // 20))))
-    if checkpoint is not None:  # a checkpoint at least every `every` passes
-        call_steps = max(1, min(call_steps, checkpoint.every // pop))
+    check_contract(algorithm, one_run_seeds, m, jax.tree.map(lambda x: x[0], params) if per_run else params)
+    plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
+                    None if checkpoint is None else checkpoint.every)
 
     statics = dict(algorithm=algorithm, score_fn=score_fn, metrics_fn=metrics_fn, chunk_size=chunk_size,
-                   mesh=mesh, m=m, shared=shared)
+                   mesh=mesh, m=m, shared=shared, per_run=per_run)
     points, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    if checkpoint is not None:  # of the host values, before placing
+        digests = {"training_data": _digest(data), "params": _field_digests(params)}
     data = jax.device_put(pad_points(data, data_axis), points)
-    test_data, params = jax.device_put((test_data, params), replicated)
+    test_data = jax.device_put(test_data, replicated)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec("runs")) if per_run else replicated)
     if shared:
         seeds = jax.device_put(seeds, replicated)
     store, resumed_at = None, None
     if checkpoint is not None:
         store = Store(checkpoint, {
-            "algorithm": _describe(algorithm), "params": _digest(params), "forward_passes": int(forward_passes),
+            "algorithm": _describe(algorithm), "forward_passes": int(forward_passes), **digests,
             "num_runs": int(num_runs), "num_seeds": int(num_seeds), "log_every": log_every,
             "runs_padded_to": int(padded.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
             "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(template)],
+            "score_fn": _qualified_name(score_fn),
         })
         resumed_at = store.start()
 
@@ -233,20 +268,19 @@ def run(
     stamps = [np.full(1, time.perf_counter() - t0)]
     done = 0
     if resumed_at is not None:
-        done = (resumed_at - num_seeds) // pop
+        done = plan.steps_at(resumed_at)
         state, restored, wall = store.restore(resumed_at, state, padded, list(logs), done + 1)
         logs, stamps = {k: [v] for k, v in restored.items()}, [wall]
         t0 = time.perf_counter() - wall[-1]
     saved = resumed_at
-    bar = tqdm(total=num_runs * (num_seeds + num_steps * pop), unit="pass",
-               disable=not progress or jax.process_index() != 0,
-               desc=type(algorithm).__name__)
-    bar.update(num_runs * (num_seeds + done * pop))
+    bar = tqdm(total=num_runs * plan.passes(plan.num_steps), unit="pass",
+               disable=not progress or jax.process_index() != 0, desc=name or type(algorithm).__name__)
+    bar.update(num_runs * plan.passes(done))
     stopped = False
-    while done < num_steps:
-        state, metrics, ok = _advance(state, evo_keys, params, done, num_steps, data, test_data,
-                                      num_seeds=num_seeds, log_every=log_every, call_steps=call_steps, **statics)
-        count = min(call_steps, num_steps - done)
+    while done < plan.num_steps:
+        active, logged = plan.call(done)
+        state, metrics, ok = _advance(state, evo_keys, params, done, active, logged, data, test_data, **statics)
+        count = int(active.sum())
         ok = to_host(ok)[:, :count]
         if not ok.all():
             r, i = np.argwhere(~ok)[0]
@@ -255,54 +289,140 @@ def run(
         for k, v in metrics.items():
             logs[k].append(to_host(v)[:, :count])
         stamps.append(np.full(count, time.perf_counter() - t0))
-        bar.update(num_runs * count * pop)
+        bar.update(num_runs * count * plan.population)
         done += count
-        passes = num_seeds + done * pop
-        stopped = time_limit is not None and done < num_steps and time.perf_counter() - t0 >= time_limit
+        stopped = time_limit is not None and done < plan.num_steps and time.perf_counter() - t0 >= time_limit
         stopped = stopped if time_limit is None else from_process_0(stopped)  # processes stop together
-        if store is not None and (stopped or passes // checkpoint.every > (passes - count * pop) // checkpoint.every):
-            store.save(passes, state, padded, {k: np.concatenate(v, axis=1) for k, v in logs.items()},
+        if store is not None and (stopped or plan.checkpoint[done - count + 1: done + 1].any()):
+            store.save(plan.passes(done), state, padded, {k: np.concatenate(v, axis=1) for k, v in logs.items()},
                        np.concatenate(stamps))
-            saved = passes
+            saved = plan.passes(done)
         if stopped:
             break
     bar.close()
-    passes = num_seeds + pop * np.arange(done + 1)
     logs = {k: np.concatenate(v, axis=1) for k, v in logs.items()}
-    if store is not None and saved != passes[-1]:  # the final state is always saved
-        store.save(int(passes[-1]), state, padded, logs, np.concatenate(stamps))
-    previous = np.concatenate([[num_seeds - 1], passes[:-1]])
-    mask = (passes // log_every > previous // log_every) | (np.arange(done + 1) == num_steps)
+    if store is not None and saved != plan.passes(done):  # the final state is always saved
+        store.save(plan.passes(done), state, padded, logs, np.concatenate(stamps))
+    mask = plan.log[: done + 1].copy()
     if stopped:  # measure the last state reached
         mask[-1] = True
-        final = _measure(state, test_data, **statics)
+        final = _measure(state, params, test_data, **statics)
         for k, v in final.items():
             logs[k][:, -1] = to_host(v)
-    best_params = _best(state, algorithm=algorithm, mesh=mesh)
-    jax.block_until_ready(best_params)
+    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run)
+    jax.block_until_ready(best_models)
     # With several processes, no process can read the sharded arrays: gather them.
     gather = to_host if jax.process_count() > 1 else (lambda x: x)
-    state, best_params = jax.tree.map(lambda x: gather(x)[:num_runs], (state, best_params))
+    state, best_models = jax.tree.map(lambda x: gather(x)[:num_runs], (state, best_models))
     return RunResult(
-        passes=passes[mask],
+        passes=plan.passes(np.arange(done + 1))[mask],
         metrics={k: v[:num_runs, mask] for k, v in logs.items()},
         state=state,
-        best_params=best_params,
+        best_models=best_models,
         wall_seconds=time.perf_counter() - t0,
         log_wall_seconds=np.concatenate(stamps)[mask],
         stopped_by_time_limit=stopped,
     )
 
 
+def _power_of_two(n: int, up: bool) -> int:
+    return 1 << ((n - 1).bit_length() if up else n.bit_length() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which steps a run takes, logs and checkpoints after, decided once on the host.
+
+    Step i (1-based) spends passes(i) = S + i P forward passes in all; index 0 is the
+    seeds. `log[i]` / `checkpoint[i]`: the pass count crossed a multiple of log_every /
+    the checkpoint interval during step i (or i is the last step, for `log`).
+    """
+
+    num_seeds: int
+    population: int
+    num_steps: int
+    call_steps: int
+    log: np.ndarray
+    checkpoint: np.ndarray
+
+    def passes(self, steps):
+        return self.num_seeds + np.asarray(steps) * self.population
+
+    def steps_at(self, passes: int) -> int:
+        return (passes - self.num_seeds) // self.population
+
+    def call(self, done: int) -> tuple[np.ndarray, np.ndarray]:
+        """(active, logged), bool (call_steps,), of the call that starts after `done` steps."""
+        index = done + 1 + np.arange(self.call_steps)
+        active = index <= self.num_steps
+        return active, active & self.log[np.minimum(index, self.num_steps)]
+
+
+def schedule(num_seeds: int, population: int, forward_passes: int, log_every: int,
+             steps_per_call: int | None = None, checkpoint_every: int | None = None) -> Schedule:
+    """The `Schedule` of a budget: as many whole steps as fit after the seeds (a
+    remainder is not spent, with a warning); `steps_per_call` steps per compiled call,
+    by default about a 20th of the run (at least 100) rounded up to a power of two, so
+    that runs of nearby budgets share one compiled program (steps past the end do
+    nothing); with checkpoints, at most one checkpoint interval per call."""
+    if not isinstance(forward_passes, (int, np.integer)) or forward_passes < num_seeds + population:
+        raise ValueError(f"forward_passes must be an int >= seeds + population = {num_seeds} + {population}, "
+                         f"got {forward_passes!r}")
+    num_steps, left = divmod(forward_passes - num_seeds, population)
+    if left:
+        warnings.warn(f"forward_passes {forward_passes} is not seeds + k x population ({num_seeds} + k x {population}):"
+                      f" the run spends {forward_passes - left} (the last {left} would be no whole step)", stacklevel=3)
+    if steps_per_call is None:
+        call_steps = _power_of_two(min(num_steps, max(100, -(-num_steps // 20))), up=True)
+        if checkpoint_every is not None:
+            call_steps = min(call_steps, _power_of_two(max(1, checkpoint_every // population), up=False))
+    else:
+        call_steps = min(num_steps, steps_per_call)
+        if checkpoint_every is not None:
+            call_steps = max(1, min(call_steps, checkpoint_every // population))
+    passes = num_seeds + np.arange(num_steps + 1) * population
+    previous = np.concatenate([[num_seeds - 1], passes[:-1]])
+    crossed = lambda every: passes // every > previous // every
+    log = crossed(log_every) | (np.arange(num_steps + 1) == num_steps)
+    checkpoint = crossed(checkpoint_every) if checkpoint_every is not None else np.zeros(num_steps + 1, bool)
+    return Schedule(num_seeds, population, num_steps, call_steps, log, checkpoint)
+
+
 def _as_run_keys(key) -> jax.Array:
-    """Typed keys with one leading axis R, from one key or a batch (typed or raw)."""
+    """Typed keys with one leading axis R, from one key or a batch (typed, or raw uint32 key data)."""
     key = key if isinstance(key, jax.Array) else jnp.asarray(key)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key.astype(jnp.uint32))
+        if key.dtype != jnp.uint32:
+            raise ValueError(f"key must be a PRNG key (jax.random.key) or raw uint32 key data "
+                             f"(jax.random.PRNGKey), got an array of {key.dtype}")
+        key = jax.random.wrap_key_data(key)
     keys = key.reshape((1,)) if key.ndim == 0 else key
     if keys.ndim != 1 or keys.shape[0] < 1:
         raise ValueError(f"key must be one PRNG key or a 1-D batch of at least one, got shape {key.shape}")
     return keys
+
+
+def check_params(algorithm: Algorithm, params, num_runs: int):
+    """(params as host NumPy, per_run): per-run when every leaf has a leading axis R
+    that the default's matching leaves lack. Then `algorithm.check_params`."""
+    default = jax.tree.leaves_with_path(algorithm.default_params())
+    given = jax.tree.leaves_with_path(params)
+    ranks = dict((jax.tree_util.keystr(p), np.ndim(x)) for p, x in default)
+    batched = {jax.tree_util.keystr(p): np.ndim(x) == ranks[jax.tree_util.keystr(p)] + 1
+               for p, x in given if jax.tree_util.keystr(p) in ranks}
+    per_run = any(batched.values())
+    if per_run:
+        bad = [k for k, b in batched.items() if not b]
+        bad += [jax.tree_util.keystr(p) for p, x in given if np.ndim(x) == 0 or np.shape(x)[0] != num_runs]
+        if bad:
+            raise ValueError(f"per-run params need a leading axis R = {num_runs} (the number of keys) on every "
+                             f"leaf; {', '.join(sorted(set(bad)))} lack it")
+    try:
+        params = jax.tree.map(np.asarray, params)
+    except Exception as e:
+        raise ValueError(f"params must be a pytree of arrays: {e}") from e
+    algorithm.check_params(params)
+    return params, per_run
 
 
 def _describe(algorithm: Algorithm) -> str:
@@ -310,7 +430,7 @@ def _describe(algorithm: Algorithm) -> str:
     qualified name, not by their address, which changes from process to process."""
     def name(value):
         if callable(value) and not isinstance(value, type) and not dataclasses.is_dataclass(value):
-            return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+            return _qualified_name(value)
         return repr(value)
 
     if not dataclasses.is_dataclass(algorithm):
@@ -319,12 +439,25 @@ def _describe(algorithm: Algorithm) -> str:
     return f"{type(algorithm).__name__}({fields})"
 
 
+def _qualified_name(fn) -> str:
+    """module.qualname of a function (of the wrapped one for a functools.partial)."""
+    fn = getattr(fn, "func", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
 def _digest(tree) -> str:
-    """A short hash of a pytree's values, to tell checkpoints of other hyperparameters apart."""
-    h = hashlib.sha1()
+    """A short hash of a pytree's structure, shapes, dtypes and values."""
+    h = hashlib.sha1(str(jax.tree.structure(tree)).encode())
     for leaf in jax.tree.leaves(tree):
-        h.update(np.asarray(leaf).tobytes())
+        leaf = np.asarray(leaf)
+        h.update(f"{leaf.shape}{leaf.dtype}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()[:16]
+
+
+def _field_digests(params) -> dict:
+    """{params field path: digest}, so a refused resume names the field that differs."""
+    return {jax.tree_util.keystr(path) or "params": _digest(leaf) for path, leaf in jax.tree.leaves_with_path(params)}
 
 
 def _scorer(score_fn, chunk_size, m, split_data: bool):
@@ -338,15 +471,20 @@ def _scorer(score_fn, chunk_size, m, split_data: bool):
 
 
 def _metrics(algorithm, score_fn, metrics_fn, chunk_size):
-    test_scores = lambda model, test: evaluate(score_fn, model, test, chunk_size)
-    return metrics_fn or best_model_metrics(algorithm, test_scores)
+    """(state, params, test) -> {"train_score": best's, **metrics_fn(...)}."""
+    extra = metrics_fn or test_score_metrics(algorithm, lambda model, test: evaluate(score_fn, model, test, chunk_size))
+
+    def measure(state, params, test):
+        return {"train_score": algorithm.best(state, params)[1].astype(jnp.float32), **extra(state, params, test)}
+
+    return measure
 
 
 def _sharded(fn, mesh, in_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"), check_vma=False)
 
 
-STATIC = ("algorithm", "score_fn", "metrics_fn", "chunk_size", "mesh", "m", "shared")
+STATIC = ("algorithm", "score_fn", "metrics_fn", "chunk_size", "mesh", "m", "shared", "per_run")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -354,70 +492,76 @@ def _seed_models(seed_fn, keys):
     return jax.vmap(seed_fn)(keys)
 
 
+def _map_runs(fn, per_run: bool, params, *per_run_args):
+    """`lax.map` of fn(params, *args) over the runs of this device's shard."""
+    if per_run:
+        return jax.lax.map(lambda args: fn(*args), (params,) + per_run_args)
+    return jax.lax.map(lambda args: fn(params, *args), per_run_args)
+
+
 @functools.partial(jax.jit, static_argnames=STATIC)
-def _start(seeds, run_keys, params, data, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared):
+def _start(seeds, run_keys, params, data, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared,
+           per_run):
     """(states, seed scores, metrics) of every run after `init`."""
     scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1)
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
 
     def runs(seeds, run_keys, params, data, test):
-        def one(args):
-            run_seeds, k = args
+        def one(params, run_seeds, k):
             state, scores = init_state(algorithm, scorer, k, seeds if shared else run_seeds, params, data)
-            return state, scores, measure(state, test)
+            return state, scores, measure(state, params, test)
 
-        return jax.lax.map(one, (None if shared else seeds, run_keys))
+        if shared:
+            return _map_runs(lambda p, k: one(p, None, k), per_run, params, run_keys)
+        return _map_runs(one, per_run, params, seeds, run_keys)
 
     R, P = PartitionSpec("runs"), PartitionSpec()
-    specs = (P if shared else R, R, P, PartitionSpec("data"), P)
+    specs = (P if shared else R, R, R if per_run else P, PartitionSpec("data"), P)
     return _sharded(runs, mesh, specs)(seeds, run_keys, params, data, test)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC + ("num_seeds", "log_every", "call_steps"))
-def _advance(states, run_keys, params, first_step, num_steps, data, test, *, algorithm, score_fn, metrics_fn,
-             chunk_size, mesh, m, shared, num_seeds, log_every, call_steps):
-    """`call_steps` steps of every run from `first_step`: (states, metrics, ok), each (R, call_steps).
-    Metrics are NaN where nothing is logged; steps past `num_steps` do nothing."""
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _advance(states, run_keys, params, first_step, active, logged, data, test, *, algorithm, score_fn, metrics_fn,
+             chunk_size, mesh, m, shared, per_run):
+    """One call of every run: step first_step + i where active[i], metrics where
+    logged[i] (the host's `Schedule`), else the state as is and NaN metrics.
+    Returns (states, metrics, ok), each (R, call_steps)."""
     scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1)
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
-    pop = algorithm.population_size
 
-    def runs(states, run_keys, params, first_step, num_steps, data, test):
-        nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
-                           jax.eval_shape(measure, jax.tree.map(lambda x: x[0], states), test))
-
-        def one(args):
-            state, key = args
+    def runs(states, run_keys, params, first_step, active, logged, data, test):
+        def one(params, state, key):
+            nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                               jax.eval_shape(measure, state, params, test))
 
             def body(state, i):
-                n = first_step + i
-                active = n < num_steps
                 state, ok = jax.lax.cond(
-                    active, lambda s: step(algorithm, scorer, s, jax.random.fold_in(key, n), params, data),
+                    active[i], lambda s: step(algorithm, scorer, s, jax.random.fold_in(key, first_step + i), params,
+                                              data),
                     lambda s: (s, jnp.bool_(True)), state)
-                passes = num_seeds + (n + 1) * pop
-                logged = active & ((passes // log_every > (passes - pop) // log_every) | (n + 1 == num_steps))
-                metrics = jax.lax.cond(logged, lambda s: measure(s, test), lambda s: nan, state)
+                metrics = jax.lax.cond(logged[i], lambda s: measure(s, params, test), lambda s: nan, state)
                 return state, (metrics, ok)
 
-            state, (metrics, ok) = jax.lax.scan(body, state, jnp.arange(call_steps))
+            state, (metrics, ok) = jax.lax.scan(body, state, jnp.arange(active.shape[0]))
             return state, metrics, ok
 
-        return jax.lax.map(one, (states, run_keys))
+        return _map_runs(one, per_run, params, states, run_keys)
 
     R, P = PartitionSpec("runs"), PartitionSpec()
-    return _sharded(runs, mesh, (R, R, P, P, P, PartitionSpec("data"), P))(
-        states, run_keys, params, first_step, num_steps, data, test)
+    return _sharded(runs, mesh, (R, R, R if per_run else P, P, P, P, PartitionSpec("data"), P))(
+        states, run_keys, params, first_step, active, logged, data, test)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def _measure(states, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared):
+def _measure(states, params, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared, per_run):
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
-    runs = lambda states, test: jax.lax.map(lambda s: measure(s, test), states)
-    return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec()))(states, test)
+    runs = lambda states, params, test: _map_runs(lambda p, s: measure(s, p, test), per_run, params, states)
+    return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec(),
+                                 PartitionSpec()))(states, params, test)
 
 
-@functools.partial(jax.jit, static_argnames=("algorithm", "mesh"))
-def _best(states, *, algorithm, mesh):
-    runs = lambda states: jax.lax.map(lambda s: algorithm.best(s)[0], states)
-    return _sharded(runs, mesh, (PartitionSpec("runs"),))(states)
+@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run"))
+def _best(states, params, *, algorithm, mesh, per_run):
+    runs = lambda states, params: _map_runs(lambda p, s: algorithm.best(s, p)[0], per_run, params, states)
+    return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec()))(
+        states, params)

@@ -6,18 +6,21 @@ whose leaves share a leading axis M) to scores in [0, 1] of shape (M,).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def num_points(data) -> int:
-    """M, the shared leading dimension of the leaves of `data`."""
+def num_points(data, what: str = "data") -> int:
+    """M >= 1, the shared leading dimension of the leaves of `data` (ValueError naming `what` otherwise)."""
     sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(data)}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"data leaves must share one leading axis (datapoints), got sizes {sorted(map(str, sizes))}")
-    return sizes.pop()
+        raise ValueError(f"{what} leaves must share one leading axis (datapoints), got sizes {sorted(map(str, sizes))}")
+    m = sizes.pop()
+    if m == 0:
+        raise ValueError(f"{what} holds no datapoints (its leading axis is 0)")
+    return m
 
 
 def evaluate(score_fn: Callable, params, data, chunk_size: int | None = None) -> jax.Array:

@@ -11,7 +11,7 @@ hold devices of every process, and values leave the devices gathered to every pr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -39,7 +39,8 @@ def _times_groups(tau, scales: jax.Array, groups: tuple[int, ...]):
 
 def group_dots(a, b, groups: tuple[int, ...]) -> jax.Array:
     """(G,) float32: <a_g, b_g>, the dot product of two pytrees within each group."""
-    dots = [jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    dots = [jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return jnp.zeros(max(groups) + 1, jnp.float32).at[jnp.asarray(groups)].add(jnp.stack(dots))
 
 

@@ -3,10 +3,11 @@ programs are reused across tests: equal algorithms and the same score_fn hit jit
 
 import jax
 import jax.numpy as jnp
+import methods
 import numpy as np
 
-from m2n2_jax.baselines.map_elites import group_descriptor
-from m2n2_jax.tasks import digits, methods
+from m2n2_jax.algorithms.map_elites import group_descriptor
+from m2n2_jax.tasks import digits
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(120, 8)).astype(np.float32)

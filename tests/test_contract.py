@@ -1,9 +1,10 @@
-"""The contract of base.Algorithm, checked for every method of the paper's menu.
+"""The contract of base.Algorithm, checked for every registered algorithm.
 
-Parametrised over `methods.METHODS` (like evosax's tests over its algorithms), so a
-method added to the menu is tested for free: shapes, determinism, jit, lax.scan, vmap
-over keys, finiteness, empty archive slots never being parents, `best`, and a
-checkpointed run that resumes bit-identical.
+Parametrised over `m2n2_jax.algorithms.ALGORITHMS` (like evosax's tests over its
+algorithms), each run as its `example()`, so a new module plus one registry line is
+tested for free: shapes, determinism, jit, lax.scan, vmap over keys, finiteness, empty
+archive slots never being parents, `best`, `check_contract`, and a checkpointed run
+that resumes bit-identical. No count, no per-class branches.
 """
 
 import functools
@@ -14,43 +15,38 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems as P
 import pytest
 
 import m2n2_jax as mj
-import problems as P
-from m2n2_jax.tasks.methods import METHODS, make_method
+from m2n2_jax.algorithms import ALGORITHMS
 
-CASES = {name: make_method(name, P.SETTINGS) for name in METHODS}
+TEMPLATE = P.init_model(jax.random.key(0))
+CASES = {name: cls.example(TEMPLATE, P.TRAIN[1].shape[0]) for name, cls in ALGORITHMS.items()}
 KEYS = P.KEYS[:2]
-SEED_MODELS = [P.init_model(jax.random.key(11)), P.init_model(jax.random.key(12))]
 STEPS = 6  # steps of the shared runs
 
 
-def one_seed(key):
-    return jax.tree.map(lambda x: x[None], P.init_model(key))
+def num_seeds(algorithm):
+    """The seeds a run gets: what the algorithm takes, else two."""
+    return algorithm.num_seeds or 2
 
 
-def seeding(algorithm):
-    """(seed keyword of mj.run, S): the ES starts from one model, the slerp grid from
-    two shared ones, the merge-coefficient ES from its own number of random models per
-    run (a base and K models), everything else from two random models per run."""
-    if isinstance(algorithm, mj.SlerpGrid):
-        return dict(seed_models=SEED_MODELS), 2
-    if isinstance(algorithm, mj.EvosaxES):
-        return dict(seed_fn=one_seed), 1
-    if isinstance(algorithm, mj.MergeES):
-        return dict(seed_fn=functools.partial(P.seed_fn, n=algorithm.num_seeds)), algorithm.num_seeds
-    return dict(seed_fn=P.seed_fn), 2
+@functools.cache
+def seed_fn(n):
+    """One seed function per count: an equal static argument, so runs share the compiled seeding."""
+    return functools.partial(P.seed_fn, n=n)
 
 
 def run(algorithm, params, directory=None, resume=False, steps=STEPS):
-    """`steps` steps of two runs, one step per call, checkpointed every two steps in
-    `directory`: every call shares one set of compiled programs per method."""
-    seeds, s = seeding(algorithm)
-    pop = algorithm.population_size
+    """`steps` steps of two runs from their own random seeds, one step per call,
+    checkpointed every two steps in `directory`: every call shares one set of
+    compiled programs per method."""
+    s, pop = num_seeds(algorithm), algorithm.population_size
     checkpoint = None if directory is None else mj.Checkpointing(str(directory), 2 * pop, resume=resume, keep=10)
     return mj.run(algorithm, KEYS, P.score_fn, P.TRAIN, s + steps * pop, params=params, log_every=2 * pop,
-                  steps_per_call=1, checkpoint=checkpoint, progress=False, **seeds)
+                  steps_per_call=1, checkpoint=checkpoint, progress=False,
+                  seed_fn=seed_fn(s))
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +64,25 @@ def runs(tmp_path_factory):
 
 
 def row(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
+    """Run i of a stacked pytree, indexed on the host (no tiny program compiled per leaf)."""
+    return jax.tree.map(lambda x: np.asarray(x)[i], tree)
 
 
 def float_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
 
 
-@pytest.fixture(params=METHODS)
+@pytest.fixture(params=sorted(ALGORITHMS))
 def name(request):
     return request.param
 
 
-def test_menu_is_complete():
-    assert len(METHODS) == len(set(METHODS)) == 14
-    for algorithm, _ in CASES.values():
-        assert isinstance(algorithm, mj.Algorithm)
-        hash(algorithm)  # a static argument of jit
-        assert isinstance(algorithm.population_size, int) and algorithm.population_size >= 1
+def test_example_is_a_hashable_algorithm_of_its_class(name):
+    algorithm, _ = CASES[name]
+    assert type(algorithm) is ALGORITHMS[name] and isinstance(algorithm, mj.Algorithm)
+    assert hash(algorithm) == hash(ALGORITHMS[name].example(TEMPLATE, P.TRAIN[1].shape[0])[0])  # a static jit argument
+    assert isinstance(algorithm.population_size, int) and algorithm.population_size >= 1
+    assert algorithm.num_seeds is None or (isinstance(algorithm.num_seeds, int) and algorithm.num_seeds >= 1)
 
 
 def test_ask_returns_population_stacked_and_tell_keeps_the_state_shape(name, runs):
@@ -101,9 +98,9 @@ def test_ask_returns_population_stacked_and_tell_keeps_the_state_shape(name, run
     scores = jax.ShapeDtypeStruct((pop, P.TRAIN[1].shape[0]), jnp.float32)
     told = jax.eval_shape(lambda s, c, x: algorithm.tell(jax.random.key(2), s, c, x, params), state, children, scores)
     chex.assert_trees_all_equal_shapes_and_dtypes(told, state)  # so the state is a lax.scan carry
-    _, num_seeds = seeding(algorithm)
-    seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_seeds,) + x.shape, x.dtype), template)
-    seed_scores = jax.ShapeDtypeStruct((num_seeds, 90), jnp.float32)
+    s = num_seeds(algorithm)
+    seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((s,) + x.shape, x.dtype), template)
+    seed_scores = jax.ShapeDtypeStruct((s, 90), jnp.float32)
     init = jax.eval_shape(lambda m, x: algorithm.init(jax.random.key(0), m, x, params), seeds, seed_scores)
     chex.assert_trees_all_equal_shapes_and_dtypes(init, state)
 
@@ -113,10 +110,10 @@ def test_same_key_gives_bit_identical_runs(name, runs):
     result, _ = runs(name)
     again = run(*CASES[name])
     chex.assert_trees_all_equal(again.state, result.state)
-    chex.assert_trees_all_equal(again.best_params, result.best_params)
-    np.testing.assert_array_equal(again.train_accuracy, result.train_accuracy)
-    if not isinstance(CASES[name][0], mj.SlerpGrid):  # the one method that draws nothing
-        assert any(not np.array_equal(x[0], x[1]) for x in float_leaves(result.state)), "two keys gave the same run"
+    chex.assert_trees_all_equal(again.best_models, result.best_models)
+    np.testing.assert_array_equal(again.train_score, result.train_score)
+    # the keys give each run its own seeds (and draws): the two runs differ
+    assert any(not np.array_equal(x[0], x[1]) for x in float_leaves(result.state)), "two keys gave the same run"
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -159,12 +156,12 @@ def test_state_stays_finite(name, runs):
     result, _ = runs(name)
     for x in float_leaves(result.state):
         assert np.all(np.isfinite(x)), "non-finite state"
-    chex.assert_tree_all_finite(result.best_params)
+    chex.assert_tree_all_finite(result.best_models)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def best(algorithm, state):
-    return algorithm.best(state)
+def best(algorithm, state, params):
+    return algorithm.best(state, params)
 
 
 def test_best_returns_a_model_and_its_mean_training_score(name, runs):
@@ -172,11 +169,11 @@ def test_best_returns_a_model_and_its_mean_training_score(name, runs):
     result, _ = runs(name)
     template = P.init_model(jax.random.key(0))
     for i in range(2):
-        model, score = best(algorithm, row(result.state, i))
+        model, score = best(algorithm, row(result.state, i), params)
         chex.assert_trees_all_equal_shapes_and_dtypes(model, template)
-        chex.assert_trees_all_equal(model, row(result.best_params, i))
+        chex.assert_trees_all_equal(model, row(result.best_models, i))
         assert score.shape == () and 0 <= float(score) <= 1
-        assert float(score) == result.train_accuracy[i, -1]
+        assert float(score) == result.train_score[i, -1]
         np.testing.assert_allclose(float(P.score_fn(model, P.TRAIN).mean()), float(score), atol=1e-6)
 
 
@@ -199,9 +196,9 @@ def test_empty_archive_slots_are_never_parents(name, scored, runs):
     params = params.replace(mutation_std=jnp.float32(0.0))
     occupied = np.asarray(states.occupied)
     assert occupied.any(axis=1).all() and not occupied.all(axis=1).any(), "each run must have empty slots"
-    assert not any(np.asarray(x)[~occupied].any() for x in jax.tree.leaves(states.params)), "empty slots are zeros"
+    assert not any(np.asarray(x)[~occupied].any() for x in jax.tree.leaves(states.models)), "empty slots are zeros"
     fill = lambda x, v: jnp.where(occupied.reshape(occupied.shape + (1,) * v.ndim), v, x)
-    states = states.replace(params=jax.tree.map(fill, states.params, V))
+    states = states.replace(models=jax.tree.map(fill, states.models, V))
     if not scored:
         states = states.replace(scores=jnp.zeros_like(states.scores))
     keys = jax.random.split(jax.random.key(1), (150, 2))  # 300 children, through the shared program
@@ -220,8 +217,7 @@ def test_resumed_run_ends_bit_identical(name, runs, tmp_path):
     from its checkpoint after step 2 (copied alone to a fresh directory)."""
     algorithm, params = CASES[name]
     full, full_dir = runs(name)
-    _, s = seeding(algorithm)
-    pop = algorithm.population_size
+    s, pop = num_seeds(algorithm), algorithm.population_size
     saved = sorted(int(p) for p in os.listdir(full_dir) if p.isdigit())
     assert saved == [s + 2 * pop, s + 4 * pop, s + 6 * pop], saved
     part_dir = tmp_path / "part"
@@ -230,9 +226,9 @@ def test_resumed_run_ends_bit_identical(name, runs, tmp_path):
         run(algorithm, params, part_dir)
     resumed = run(algorithm, params, part_dir, resume=True)
     chex.assert_trees_all_equal(resumed.state, full.state)
-    chex.assert_trees_all_equal(resumed.best_params, full.best_params)
+    chex.assert_trees_all_equal(resumed.best_models, full.best_models)
     np.testing.assert_array_equal(resumed.passes, full.passes)
-    np.testing.assert_array_equal(resumed.train_accuracy, full.train_accuracy)
+    np.testing.assert_array_equal(resumed.train_score, full.train_score)
     saved = sorted(int(p) for p in os.listdir(part_dir) if p.isdigit())
     assert saved == [s + 2 * pop, s + 4 * pop, s + 6 * pop]
     # it continued from the checkpoint: the wall stamps logged up to step 2 are the saved ones
@@ -240,3 +236,18 @@ def test_resumed_run_ends_bit_identical(name, runs, tmp_path):
     assert restored.sum() >= 1
     np.testing.assert_array_equal(resumed.log_wall_seconds[restored], full.log_wall_seconds[restored])
     assert np.all(resumed.log_wall_seconds[~restored] != full.log_wall_seconds[~restored])
+
+
+def test_every_method_of_the_experiments_menu_is_a_registered_algorithm_that_keeps_the_contract():
+    """The paper's menu (experiments/methods.py) builds values of registered classes; each
+    passes `check_contract` (abstractly: nothing runs) with its number of seeds."""
+    import dataclasses
+
+    import methods
+
+    settings = dataclasses.replace(P.SETTINGS, base=TEMPLATE)
+    for method in methods.METHODS:
+        algorithm, params = methods.make_method(method, settings)
+        assert type(algorithm) in ALGORITHMS.values(), method
+        seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_seeds(algorithm),) + x.shape, x.dtype), TEMPLATE)
+        mj.check_contract(algorithm, seeds, P.TRAIN[1].shape[0], params)

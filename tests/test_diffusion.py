@@ -58,7 +58,8 @@ def test_captions_describe_their_images(train_images):
     # The two languages share no word and order them differently.
     en, ja = captions.tokens(attrs[:1], "en")[0], captions.tokens(attrs[:1], "ja")[0]
     assert not set(en.tolist()) & set(ja.tolist())
-    assert captions.words(attrs[0], "ja")[-1] in captions.DIGITS_JA and captions.words(attrs[0], "en")[-1] in captions.SLANTS["en"]
+    assert (captions.words(attrs[0], "ja")[-1] in captions.DIGITS_JA
+            and captions.words(attrs[0], "en")[-1] in captions.SLANTS["en"])
     # Both strokes and all three slants occur, in about the proportions the cuts give.
     assert 0.4 < attrs[:, 1].mean() < 0.6 and np.bincount(attrs[:, 2], minlength=3).min() > len(x) / 4
 

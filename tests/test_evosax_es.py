@@ -5,12 +5,12 @@ import functools
 import chex
 import jax
 import numpy as np
+import problems as P
 import pytest
 from jax.flatten_util import ravel_pytree
+from methods import ES, make_method
 
 import m2n2_jax as mj
-import problems as P
-from m2n2_jax.tasks.methods import ES, make_method
 
 CASES = {name: make_method(name, P.SETTINGS) for name in ES}  # population 4, std_init 0.3
 TEMPLATE = P.SETTINGS.template
@@ -56,7 +56,7 @@ def test_search_starts_at_the_mean_of_the_seeds_and_the_best_seed_is_best(case):
     np.testing.assert_allclose(state.mean, each.mean(0), rtol=1e-6, atol=1e-7)
     means = np.asarray(scores).mean(1)
     assert len(set(means)) == 3, "distinct seed scores"
-    model, score = algorithm.best(state)
+    model, score = algorithm.best(state, algorithm.default_params())
     best = int(np.argmax(means))
     chex.assert_trees_all_equal(model, jax.tree.map(lambda x: x[best], models))
     assert float(score) == np.float32(means[best])
@@ -81,7 +81,7 @@ def test_best_is_the_best_so_far_by_training_score(case):
             i = int(np.argmax(child_means))
             best_score, best_model = child_means[i], flat(jax.tree.map(lambda x: x[i], children))
             improved += 1
-        model, score = algorithm.best(state)
+        model, score = algorithm.best(state, algorithm.default_params())
         assert float(score) == np.float32(best_score)
         np.testing.assert_array_equal(flat(model), best_model)
     assert 0 < improved < 12, "the test must see both improving and non-improving generations"
@@ -97,11 +97,11 @@ def test_budget_is_exact_and_the_es_improves(case):
                     log_every=2, progress=False)
     np.testing.assert_array_equal(result.passes, 2 + pop * np.arange(16))  # the seeds, then every generation
     np.testing.assert_array_equal(np.asarray(result.state.generation_counter), [15, 15])
-    train = result.train_accuracy
+    train = result.train_score
     assert np.all(np.diff(train, axis=1) >= 0), "best-so-far never drops"
     assert np.all(train[:, -1] > train[:, 0]), "the ES beats its seeds"
     for r in range(2):
-        best = jax.tree.map(lambda x: x[r], result.best_params)
+        best = jax.tree.map(lambda x: x[r], result.best_models)
         np.testing.assert_allclose(float(P.score_fn(best, P.TRAIN).mean()), train[r, -1], atol=1e-6)
     # the first point is the seeds' best
     seed_models = P.seed_fn(jax.random.split(P.KEYS[0])[0])

@@ -3,10 +3,9 @@
 import hashlib
 import json
 
-import pytest
-
 import from_scratch
 import plot
+import pytest
 
 CONTRACT = {"method", "forward_passes", "runs", "seeds", "final_test_accuracy", "final_train_accuracy",
             "curve", "wall_seconds", "jax_version", "device", "machine"}

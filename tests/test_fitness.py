@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import np_fitness, np_general_fitness
+
 from m2n2_jax.fitness import attraction, resource_fitness
 
 
@@ -57,9 +57,11 @@ def test_general_fitness_matches_numpy_on_continuous_scores(rng, alpha, eps, rul
     scores = rng.uniform(0.2, 1.0, size=(7, 30))
     competing = np.array([True, True, False, True, True, False, True])
     scores[~competing] = rng.uniform(0.0, 0.1, size=(2, 30))  # would be the min and change z
-    per_point, fitness = jax.jit(functools.partial(resource_fitness, capacity_rule=rule, subtract_worst=subtract_worst))(
+    per_point, fitness = jax.jit(functools.partial(resource_fitness, capacity_rule=rule,
+                                                   subtract_worst=subtract_worst))(
         scores, alpha, None, eps=eps, competing=competing)
-    ref_pp, ref_f = np_general_fitness(scores, competing, alpha, eps, "max" if rule == "max" else "ones", subtract_worst)
+    ref_pp, ref_f = np_general_fitness(scores, competing, alpha, eps, "max" if rule == "max" else "ones",
+                                       subtract_worst)
     np.testing.assert_allclose(per_point, ref_pp, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fitness, ref_f, rtol=1e-5, atol=1e-6)
 
@@ -109,7 +111,8 @@ def test_eps_zero_is_the_digits_code_bit_for_bit(rng):
     scores = (rng.uniform(size=(6, 40)) > 0.6).astype(np.float32)
     for alpha in (0.0, 0.5, 1.0):
         old = resource_fitness(scores, alpha)
-        new = jax.jit(lambda s, a: resource_fitness(s, a, eps=jnp.float32(0.0), competing=np.ones(6, bool)))(scores, alpha)
+        new = jax.jit(lambda s, a: resource_fitness(s, a, eps=jnp.float32(0.0), competing=np.ones(6, bool)))(
+            scores, alpha)
         np.testing.assert_array_equal(old[0], new[0])
         np.testing.assert_array_equal(old[1], new[1])
 

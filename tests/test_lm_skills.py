@@ -6,12 +6,12 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
-
 import lm_models
 import lm_protocol
 import lm_skills
+import numpy as np
+import pytest
+
 import m2n2_jax as mj
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--batch", "16", "--pool", "300",
@@ -116,8 +116,8 @@ def test_returned_model_is_the_best_mean_of_skills_not_of_questions():
     weights = lm_protocol.skill_weights(np.array([0, 0, 0, 1]))
     np.testing.assert_allclose(np.asarray(weights), [[1 / 3, 0], [1 / 3, 0], [1 / 3, 0], [0, 1]])
     scores = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]], jnp.float32)
-    archive = mj.Archive(params={"w": jnp.arange(3.0)}, scores=scores, occupied=jnp.array([True, True, False]))
-    model, mean = lm_protocol.returned_model(None, archive, None, None, weights)
+    archive = mj.Archive(models={"w": jnp.arange(3.0)}, scores=scores, occupied=jnp.array([True, True, False]))
+    model, mean = lm_protocol.returned_model(None, archive, None, None, None, weights)
     assert float(model["w"]) == 1.0 and float(mean) == pytest.approx(2 / 3)
     assert int(jnp.argmax(jnp.where(archive.occupied, scores.mean(1), -1))) == 0  # the counter-case
 

@@ -6,13 +6,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems as P
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import m2n2_jax as mj
-import problems as P
 from m2n2_jax import archive as archive_lib
-from m2n2_jax.baselines import map_elites as me
+from m2n2_jax.algorithms import map_elites as me
 from m2n2_jax.selection import sample
 
 GROUPS = np.array([0, 0, 1, 1])  # datapoints 0, 1 in group 0; 2, 3 in group 1
@@ -215,7 +215,7 @@ def test_parents_come_from_filled_cells():
 
 def test_best_is_the_top_quality_cell():
     state = init(ALGO, models(3), jnp.array([[1, 0, 0, 0], [0, 0, 1, 1.0], [1, 1, 1, 0]]), PARAMS)
-    model, score = ALGO.best(state)
+    model, score = ALGO.best(state, PARAMS)
     q = np.where(state.occupied, np.asarray(state.scores).mean(1), -np.inf)
     assert float(score) == q.max() == 0.75
     chex.assert_trees_all_equal(model, archive_lib.get(state, int(np.argmax(q))))

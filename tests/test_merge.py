@@ -21,7 +21,8 @@ def np_split_slerp(a, b, w, k, eps=1e-6):
 
 def random_tree(rng, dtype=jnp.float32):
     return {
-        "dense": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), dtype), "bias": jnp.asarray(rng.normal(size=(5,)), dtype)},
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), dtype),
+                  "bias": jnp.asarray(rng.normal(size=(5,)), dtype)},
         "conv": jnp.asarray(rng.normal(size=(2, 3, 4)), dtype),
         "scale": jnp.asarray(rng.normal(size=()), dtype),
     }
@@ -82,7 +83,8 @@ def test_merge_is_vmappable(rng):
     ks = jnp.array([0, 30, 60])
     batched = jax.vmap(split_point_slerp, in_axes=(None, None, 0, 0))(a, b, ws, ks)
     for i in range(3):
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), split_point_slerp(a, b, ws[i], ks[i]), atol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), split_point_slerp(a, b, ws[i], ks[i]),
+                                    atol=1e-6)
 
 
 def mixed_tree(rng, num_leaves=23):
@@ -142,7 +144,8 @@ def test_leaf_groups_label_leaves_by_path_in_order_of_first_appearance(rng):
 def np_grouped(a, b, ws, ks, groups, eps=1e-6):
     """NumPy reference: each group's leaves concatenated in leaf order, merged by
     `np_split_slerp` as their own vector with their own w, k and angle, put back."""
-    la, lb = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)], [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)]
+    la = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)]
+    lb = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)]
     out = [None] * len(la)
     for g in range(max(groups) + 1):
         members = [i for i, gi in enumerate(groups) if gi == g]
@@ -179,7 +182,8 @@ def test_grouped_slerp_gives_each_group_its_own_ratio_and_angle(rng):
 def test_one_group_is_the_ungrouped_merge_bit_for_bit(rng):
     a, b = random_tree(rng, jnp.bfloat16), random_tree(rng, jnp.bfloat16)
     for w, k in [(0.3, 17), (0.9, 0), (0.55, 60)]:
-        one = jax.jit(lambda a, b, w, k: split_point_slerp(a, b, w, k, groups=(0, 0, 0, 0)))(a, b, jnp.array([w]), jnp.array([k]))
+        one = jax.jit(lambda a, b, w, k: split_point_slerp(a, b, w, k, groups=(0, 0, 0, 0)))(
+            a, b, jnp.array([w]), jnp.array([k]))
         chex.assert_trees_all_equal(one, jax.jit(split_point_slerp)(a, b, w, k))
 
 
@@ -208,7 +212,8 @@ def test_antiparallel_parents_explode_under_the_paper_rule_and_not_with_the_guar
     assert np.abs(guarded).max() <= scale
     # The guard is inactive for ordinary parents: the same child bit for bit.
     c, d = random_tree(rng), random_tree(rng)
-    chex.assert_trees_all_equal(split_point_slerp(c, d, 0.3, 20, dot_threshold=0.9995), split_point_slerp(c, d, 0.3, 20))
+    chex.assert_trees_all_equal(split_point_slerp(c, d, 0.3, 20, dot_threshold=0.9995),
+                                split_point_slerp(c, d, 0.3, 20))
 
 
 def test_path_prefix_groups_a_flax_transformer_by_layer():

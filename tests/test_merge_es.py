@@ -7,11 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems as P
 import pytest
 from evosax.algorithms import CMA_ES
 
 import m2n2_jax as mj
-import problems as P
 from m2n2_jax.tasks.digits import layer_of
 
 TEMPLATE = P.init_model(jax.random.key(0))
@@ -33,7 +33,7 @@ def seeds(n):
 
 @functools.partial(jax.jit, static_argnums=0)
 def merge(algorithm, state, genome):
-    return algorithm.merge(state, genome)
+    return algorithm.merge(state, genome, algorithm.default_params())
 
 
 def make(recipe, num_models=1, **kwargs):
@@ -102,7 +102,7 @@ def test_the_best_seed_is_the_best_so_far(recipe, num_models):
     models = seeds(algorithm.num_seeds)
     scores = jnp.zeros((algorithm.num_seeds, 10)).at[-1].set(1.0)
     state = algorithm.init(jax.random.key(0), models, scores, algorithm.default_params())
-    model, score = algorithm.best(state)
+    model, score = algorithm.best(state, algorithm.default_params())
     assert float(score) == 1.0
     for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(jax.tree.map(lambda x: x[-1], models))):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)

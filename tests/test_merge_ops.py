@@ -63,7 +63,8 @@ def SLERP(a, b, t, per_tensor=False, dot_threshold=1.0):
 
 
 def _ties(convention, base, models, w, density, normalize=True, scale=1.0):
-    return _TIES[convention](base, list(models), f32(w), per_model(density, len(models)), np.bool_(normalize), f32(scale))
+    return _TIES[convention](base, list(models), f32(w), per_model(density, len(models)), np.bool_(normalize),
+                             f32(scale))
 
 
 TIES = {c: functools.partial(_ties, c) for c in CONVENTIONS}
@@ -533,7 +534,8 @@ def test_coefficients_can_be_traced_over_a_grid(convention):
     ties = functools.partial(merge_ops.ties, convention=convention)
     outs = jax.jit(lambda g: jax.lax.map(lambda x: ties(base, [a, b], jnp.stack([x[1], 1.0]), x[0]), g))(grid)
     for i, (d, wa) in enumerate(grid):
-        assert_leaves_close(jax.tree.map(lambda x: x[i], outs), np_ties(base, [a, b], [wa, 1.0], d, convention=convention))
+        assert_leaves_close(jax.tree.map(lambda x: x[i], outs),
+                            np_ties(base, [a, b], [wa, 1.0], d, convention=convention))
     if convention == "m2n2":
         slerps = jax.jit(lambda t: jax.lax.map(lambda x: merge_ops.slerp(a, b, x, per_tensor=True), t))(grid[:, 0])
         chex.assert_trees_all_close(jax.tree.map(lambda x: x[2], slerps), b, atol=1e-6)

@@ -1,7 +1,6 @@
 """Real MNIST through tensorflow-datasets (tasks.mnist, experiments/mnist_data.py and
 --dataset mnist), on mocked tfds data and tiny sources written here: never the real files."""
 
-import contextlib
 import functools
 import gzip
 import json
@@ -9,14 +8,14 @@ import pickle
 import struct
 from unittest import mock
 
+import from_scratch
+import mnist_data
 import numpy as np
+import pretrained
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing.mocking import PickableDataSourceMock
 
-import from_scratch
-import mnist_data
-import pretrained
 from m2n2_jax.tasks import mnist
 
 

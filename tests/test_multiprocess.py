@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import CACHE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +40,7 @@ def free_port() -> int:
 def launch(tmp):
     """Start the three workers; wait for them (bounded); (results, stderr) per worker."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
-    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")]))
     port = str(free_port())
     jobs = {"p0": (tmp / "multi", 0, 2), "p1": (tmp / "multi", 1, 2), "ref": (tmp / "ref", 0, 1)}
     procs, logs = {}, {}

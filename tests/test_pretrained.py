@@ -5,12 +5,12 @@ import os
 
 import jax
 import numpy as np
+import pretrained
 import pytest
 from jax.flatten_util import ravel_pytree
-
-import pretrained
-from m2n2_jax.tasks import digits
 from specialists import HALVES, initial_flats, label_accuracy, load_or_train, train_specialist
+
+from m2n2_jax.tasks import digits
 
 TRAIN, TEST = digits.load_digits()
 

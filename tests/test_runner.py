@@ -15,16 +15,17 @@ from per-run seeds (`seed_fn`) with the default metrics.
 import concurrent.futures
 import dataclasses
 import functools
+import warnings
 
 import chex
 import jax
 import jax.numpy as jnp
+import methods
 import numpy as np
+import problems as P
 import pytest
 
 import m2n2_jax as mj
-import problems as P
-from m2n2_jax.tasks import methods
 
 ALGO, PARAMS = methods.make_method("m2n2", P.SETTINGS)  # M2N2(archive_size=20), mutation_std 0.05
 N, S = ALGO.archive_size, 2  # archive slots, seed models per run
@@ -38,12 +39,11 @@ TRAIN_ON_1 = jax.device_put(P.TRAIN, jax.devices()[1])
 TRACES = [0]  # how often counted_metrics was traced: it runs only while jax traces a program
 
 
-def counted_metrics(state, test_data):
+def counted_metrics(state, params, test_data):
     """The default metrics plus the number of occupied slots; counts its traces."""
     TRACES[0] += 1
-    model, train = ALGO.best(state)
-    return {"train_accuracy": train, "test_accuracy": P.score_fn(model, test_data).mean(),
-            "occupied": state.occupied.sum().astype(jnp.float32)}
+    model, _ = ALGO.best(state, params)
+    return {"test_score": P.score_fn(model, test_data).mean(), "occupied": state.occupied.sum().astype(jnp.float32)}
 
 
 def run(budget=60, steps_per_call=58, algorithm=ALGO, params=PARAMS, **kwargs):
@@ -53,12 +53,12 @@ def run(budget=60, steps_per_call=58, algorithm=ALGO, params=PARAMS, **kwargs):
                   progress=False, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_run(budget=60, steps_per_call=58):
     return run(budget, steps_per_call)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run_method(method):
     settings = dataclasses.replace(P.SETTINGS, bins=2) if method == "map-elites" else P.SETTINGS
     algorithm, params = methods.make_method(method, settings)
@@ -131,7 +131,7 @@ def assert_results_equal(a, b):
     for k in a.metrics:
         np.testing.assert_array_equal(a.metrics[k], b.metrics[k], err_msg=k)
     assert_trees_equal(a.state, b.state)
-    assert_trees_equal(a.best_params, b.best_params)
+    assert_trees_equal(a.best_models, b.best_models)
 
 
 # ---------------------------------------------------------------- determinism and equivalences
@@ -171,7 +171,7 @@ def test_alpha_sweep_as_one_vmap_equals_separate_runs():
         # equal up to float rounding (a vmapped program may fuse arithmetic differently).
         np.testing.assert_array_equal(mine.scores, separate.scores)
         np.testing.assert_array_equal(mine.occupied, separate.occupied)
-        chex.assert_trees_all_close(mine.params, separate.params, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(mine.models, separate.models, rtol=1e-5, atol=1e-6)
     # Alpha matters here, so the sweep really evaluated different hyperparameters.
     assert not np.array_equal(swept.scores[0], swept.scores[2])
     assert not np.array_equal(swept.scores[2], swept.scores[3])
@@ -184,15 +184,15 @@ def test_a_shared_seed_list_starts_every_run_from_the_same_models():
     # first, so slots 0 and 1 still hold the initial archive's seeds, untouched.
     state = base_run(S + 16, 7).state
     for r in range(3):
-        assert_trees_equal(jax.tree.map(lambda x: x[r, :S], state.params), STACKED)
+        assert_trees_equal(jax.tree.map(lambda x: x[r, :S], state.models), STACKED)
     np.testing.assert_array_equal(np.asarray(state.occupied), np.broadcast_to(np.arange(N) < S + 16, (3, N)))
     # The children differ: each run has its own key.
-    assert not np.array_equal(state.params[0].kernel[0, S], state.params[0].kernel[1, S])
+    assert not np.array_equal(state.models[0].kernel[0, S], state.models[0].kernel[1, S])
 
 
 def test_metrics_fn_is_logged_at_every_point():
     result = base_run()
-    assert set(result.metrics) == {"train_accuracy", "test_accuracy", "occupied"}
+    assert set(result.metrics) == {"train_score", "test_score", "occupied"}
     np.testing.assert_array_equal(result.passes, np.arange(10, 61, 10))
     for values in result.metrics.values():
         assert values.shape == (3, 6) and np.all(np.isfinite(values))
@@ -219,7 +219,7 @@ def test_time_limit_stops_early_at_the_passes_spent():
     assert stopped.stopped_by_time_limit
     # Stopped after its first call of 7 steps: 2 + 7 passes; that point is measured and logged.
     np.testing.assert_array_equal(stopped.passes, [S + 7])
-    assert np.all(np.isfinite(stopped.test_accuracy))
+    assert np.all(np.isfinite(stopped.test_score))
     stamps = stopped.log_wall_seconds
     assert stamps.shape == (1,) and stamps[0] <= stopped.wall_seconds
     uninterrupted = base_run(S + 7, 7)  # the same 7 steps, to the end of its budget
@@ -330,25 +330,25 @@ def test_every_kind_of_method_runs_end_to_end(method, monotone):
     if method == "sep-cma-es":  # population 4: passes 2, 6, 10, ...; 22 and 42 are where 20 and 40 are crossed
         np.testing.assert_array_equal(result.passes, [10, 22, 30, 42, 50, 58])
     R, L = 3, len(result.passes)
-    for name in ("train_accuracy", "test_accuracy"):
+    for name in ("train_score", "test_score"):
         values = result.metrics[name]
         assert values.shape == (R, L) and np.all((values >= 0) & (values <= 1)), name
     stamps = result.log_wall_seconds
     assert stamps.shape == (L,) and np.all(np.diff(stamps) >= 0) and stamps[-1] <= result.wall_seconds
     assert not result.stopped_by_time_limit
-    chex.assert_tree_all_finite(result.best_params)
-    # The last logged point is the final state: train from the state, test from best_params.
-    np.testing.assert_allclose(result.final_train_accuracy, np_best_train(algorithm, result.state), rtol=1e-6)
-    np.testing.assert_allclose(result.final_test_accuracy,
-                               [np_mlp_accuracy(row(result.best_params, r), P.TEST) for r in range(R)])
+    chex.assert_tree_all_finite(result.best_models)
+    # The last logged point is the final state: train from the state, test from best_models.
+    np.testing.assert_allclose(result.final_train_score, np_best_train(algorithm, result.state), rtol=1e-6)
+    np.testing.assert_allclose(result.final_test_score,
+                               [np_mlp_accuracy(row(result.best_models, r), P.TEST) for r in range(R)])
     if monotone:
-        assert np.all(np.diff(result.train_accuracy, axis=1) >= 0), result.train_accuracy
+        assert np.all(np.diff(result.train_score, axis=1) >= 0), result.train_score
 
 
 def test_evolution_improves_on_the_best_seed():
     result = base_run(S + 58 * 4)  # the base program, four calls
     best_seed = max(np_mlp_accuracy(m, P.TRAIN) for m in MODELS)
-    assert np.all(result.final_train_accuracy > best_seed), (result.final_train_accuracy, best_seed)
+    assert np.all(result.final_train_score > best_seed), (result.final_train_score, best_seed)
 
 
 def test_seed_fn_gives_every_run_its_own_seeds():
@@ -373,3 +373,33 @@ def test_checkpoint_metadata_names_functions_not_addresses():
     assert _describe(mj.M2N2(groups=other)) != described
     assert "0x" in repr(mj.M2N2(groups=layer_of))  # what the plain repr would have stored
     assert "groups=PathPrefix(depth=2)" in _describe(mj.M2N2(groups=mj.PathPrefix(2)))
+
+
+# --- the schedule: decided once on the host --------------------------------------------
+
+
+@pytest.mark.parametrize("seeds,pop,budget,log_every,every",
+                         [(2, 1, 60, 10, None), (1, 4, 83, 7, 12), (3, 5, 53, 100, 5)])
+def test_schedule_logs_and_checkpoints_where_the_pass_count_crosses_a_multiple(seeds, pop, budget, log_every, every):
+    """Against a plain loop over the steps: step i ends at S + i P passes; it is logged
+    when [S + (i - 1) P, S + i P] crossed a multiple of log_every (the seeds: when S is
+    one), and the last step always; likewise checkpoints."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # budgets that are no whole step
+        plan = mj.schedule(seeds, pop, budget, log_every, None, every)
+    steps = (budget - seeds) // pop
+    passes = [seeds + i * pop for i in range(steps + 1)]
+    crossed = lambda i, n: any(p % n == 0 for p in range(passes[i] - (pop if i else 1) + 1, passes[i] + 1))
+    assert plan.num_steps == steps and list(plan.passes(np.arange(steps + 1))) == passes
+    assert list(plan.log) == [crossed(i, log_every) or i == steps for i in range(steps + 1)]
+    if every is not None:
+        assert list(plan.checkpoint[1:]) == [crossed(i, every) for i in range(1, steps + 1)]
+        assert plan.call_steps <= max(1, every // pop)
+    active, logged = plan.call(steps - 1)  # the last call: one step left
+    assert active.sum() == 1 and logged[0] and not logged[1:].any()
+
+
+def test_run_logs_exactly_the_schedules_points():
+    result = base_run()
+    plan = mj.schedule(2, 1, 60, 10)
+    np.testing.assert_array_equal(result.passes, plan.passes(np.flatnonzero(plan.log)))

@@ -17,7 +17,8 @@ def tiny_checkpoint(rng, vocab=12, d=4):
         "embed": {"embedding": rng.normal(size=(vocab, d)).astype(np.float32)},
         "layer_0": {"mlp": {"kernel": rng.normal(size=(d, 3)).astype(ml_dtypes.bfloat16),
                             "bias": np.arange(3, dtype=np.float32)}},
-        "out": {"kernel": rng.normal(size=(d, vocab)).astype(np.float32), "bias": rng.normal(size=(vocab,)).astype(np.float32)},
+        "out": {"kernel": rng.normal(size=(d, vocab)).astype(np.float32),
+                "bias": rng.normal(size=(vocab,)).astype(np.float32)},
     }
 
 

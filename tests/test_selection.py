@@ -5,8 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import np_fitness
+
 from m2n2_jax.selection import attraction_probs, proportional, sample, sample_parents
 
 DRAWS = 6000

@@ -17,14 +17,14 @@ import sys
 import textwrap
 
 import jax
+import methods
 import numpy as np
+import problems as P
 import pytest
 from jax.sharding import Mesh
 
 import m2n2_jax as mj
-import problems as P
 from m2n2_jax.sharding import AXES, default_mesh, pad_points, runs_axis_size
-from m2n2_jax.tasks import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     import m2n2_jax as mj
     import problems as P
     from m2n2_jax.sharding import default_mesh
-    from m2n2_jax.tasks import methods
+    import methods
 
     assert len(jax.devices()) == 4, jax.devices()
     algo, params = methods.make_method("m2n2", P.SETTINGS)
@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
             arrays[f"{name}/metrics/{k}"] = v
         for i, x in enumerate(leaves):
             arrays[f"{name}/state/{i}"] = np.asarray(x)
-        for i, x in enumerate(jax.tree.leaves(r.best_params)):
+        for i, x in enumerate(jax.tree.leaves(r.best_models)):
             arrays[f"{name}/best/{i}"] = np.asarray(x)
     np.savez(sys.argv[1] + ".npz", **arrays)
     json.dump(info, open(sys.argv[1] + ".json", "w"))
@@ -72,7 +72,7 @@ class FourDevices:
 
     def __init__(self, out):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")])}
         self.out, self.result = out, None
         self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT, out], env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -119,7 +119,7 @@ def assert_same_run(get, rows):
     parameters to float rounding (programs compiled for other meshes may round the
     merges' arithmetic differently in the last bit). get(part) -> (mine, theirs)."""
     np.testing.assert_array_equal(*get("passes"))
-    for part in ("metrics/train_accuracy", "metrics/test_accuracy", "state/4", "state/5"):
+    for part in ("metrics/train_score", "metrics/test_score", "state/4", "state/5"):
         mine, theirs = get(part)
         np.testing.assert_array_equal(mine, theirs[:rows], err_msg=part)
     for part in ("state/0", "state/1", "state/2", "state/3", "best/0", "best/1", "best/2", "best/3"):
@@ -131,7 +131,7 @@ def parts(result):
     """A RunResult as the subprocess stores it: name -> array."""
     out = {"passes": result.passes, **{f"metrics/{k}": v for k, v in result.metrics.items()}}
     out.update({f"state/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(result.state))})
-    out.update({f"best/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(result.best_params))})
+    out.update({f"best/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(result.best_models))})
     return out
 
 
@@ -146,7 +146,7 @@ def test_two_device_meshes_are_real(shape):
 def test_runs_or_datapoints_split_over_two_devices_equal_one_device(shape, four_devices):
     # jax.make_mesh gives Explicit axes by default: the runner must accept them.
     result = ON_MESH[shape].result() if shape in ON_MESH else run(jax.make_mesh(shape, AXES))
-    assert result.train_accuracy.shape == (3, 6)
+    assert result.train_score.shape == (3, 6)
     for x in jax.tree.leaves(result.state):  # the state lives on both devices
         assert len(x.sharding.device_set) == 2
     arrays, _ = four_devices.get()
@@ -158,7 +158,7 @@ def test_the_default_mesh_splits_runs_first():
     assert dict(default_mesh(3).shape) == {"runs": 2, "data": 1}  # 3 runs, padded to 4
     assert dict(default_mesh(1).shape) == {"runs": 1, "data": 2}  # one run: datapoints split
     # The default for 3 runs is the (2, 1) mesh: the same compiled program, the same result.
-    np.testing.assert_array_equal(run(None).train_accuracy, run(jax.make_mesh((2, 1), AXES)).train_accuracy)
+    np.testing.assert_array_equal(run(None).train_score, run(jax.make_mesh((2, 1), AXES)).train_score)
 
 
 def test_a_two_by_two_mesh_equals_one_device_and_keeps_runs_sharded(four_devices):
@@ -217,13 +217,13 @@ def test_an_archive_sharded_over_a_model_axis_steps_like_an_unsharded_one():
     mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
     shard = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(*([None] * (x.ndim - 1) + ["model"]))) if x.shape[-1] % 2 == 0 else x)
-    sharded = state.replace(params=jax.tree.map(shard, state.params))
+    sharded = state.replace(models=jax.tree.map(shard, state.models))
     assert any(len(x.sharding.device_set) == 2 and not x.sharding.is_fully_replicated
-               for x in jax.tree.leaves(sharded.params))
+               for x in jax.tree.leaves(sharded.models))
     step = jax.jit(lambda s, k: mj.step(algo, P.score_fn, s, k, params, P.TRAIN))
     for i in range(5):
         state, _ = step(state, jax.random.key(10 + i))
         sharded, _ = step(sharded, jax.random.key(10 + i))
     np.testing.assert_array_equal(np.asarray(state.scores), np.asarray(sharded.scores))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-                 state.params, sharded.params)
+                 state.models, sharded.models)

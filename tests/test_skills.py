@@ -35,7 +35,8 @@ def test_shift_and_short_forms():
 def test_tokenize_pads_prompts_left_and_answers_right():
     prompts, answers = skills.tokenize([("123+456=", "579"), ("r:abcdef=", "fedcba")])
     assert prompts.shape == (2, skills.PROMPT_LEN) and answers.shape == (2, skills.ANSWER_LEN)
-    assert prompts[0, 0] == skills.PAD and skills.decode(prompts[0]) == "123+456=" and skills.decode(prompts[1]) == "r:abcdef="
+    assert (prompts[0, 0] == skills.PAD and skills.decode(prompts[0]) == "123+456="
+            and skills.decode(prompts[1]) == "r:abcdef=")
     np.testing.assert_array_equal(answers[0, 3:], skills.PAD)
     assert skills.decode(answers[0]) == "579" and skills.decode(answers[1]) == "fedcba"
     with pytest.raises(ValueError, match="longer"):

@@ -105,7 +105,8 @@ def test_exact_match_scores_and_loss():
     np.testing.assert_array_equal(scores, [1.0, 0.0, 1.0, 0.0])
     # The loss reads prompt + answer[:-1] and scores the answer tokens only.
     logits = np.stack([np_forward(params, np.concatenate([q, a[:-1]]), 2) for q, a in zip(prompts, answers)])[:, 4:]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True))
     expected = -np.take_along_axis(logp, np.asarray(answers)[..., None], -1).mean()
     np.testing.assert_allclose(sequence_loss(model, params, prompts, answers), expected, rtol=1e-4)
 

@@ -23,7 +23,7 @@ Pixels are the digits' 0..16 values mapped to [-1, 1] (`to_unit`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -12,7 +12,8 @@ widens the first layer for other images (784 for MNIST, tasks.mnist: D = 203,530
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

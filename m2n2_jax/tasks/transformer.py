@@ -16,7 +16,7 @@ share of the answer's characters right, in [0, 1]) turn it into the `score_fn` o
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

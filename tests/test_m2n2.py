@@ -10,12 +10,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems as P
 import pytest
+from conftest import np_fitness, np_general_fitness
 from jax.flatten_util import ravel_pytree
 
 import m2n2_jax as mj
-import problems as P
-from conftest import np_fitness, np_general_fitness
 from m2n2_jax import archive as archive_lib
 from m2n2_jax import task_vectors as tv_lib
 from m2n2_jax.mutation import MUTATION_RNGS
@@ -111,7 +111,7 @@ def assert_told(new, state, dropped, child, child_scores):
     chex.assert_trees_all_equal(archive_lib.get(new, dropped), child)
     others = np.arange(n) != dropped
     np.testing.assert_array_equal(new.scores[others], state.scores[others])
-    np.testing.assert_array_equal(flat(new.params)[others], flat(state.params)[others])
+    np.testing.assert_array_equal(flat(new.models)[others], flat(state.models)[others])
     np.testing.assert_array_equal(new.occupied, state.occupied.at[dropped].set(True))
 
 
@@ -142,7 +142,7 @@ def test_worst_model_leaves_and_useless_child_is_rejected():
     # (only a share of datapoint 1) leaves.
     child = P.init_model(jax.random.key(9))
     new = tell(algorithm, state, child, jnp.array([0, 0, 0, 1.0]), params)
-    np.testing.assert_array_equal(flat(new.params), np.vstack([flat(seeds)[:2], flat(child)]))
+    np.testing.assert_array_equal(flat(new.models), np.vstack([flat(seeds)[:2], flat(child)]))
     # A child that solves nothing has f = 0 and is rejected.
     chex.assert_trees_all_equal(tell(algorithm, state, child, jnp.zeros(4), params), state)
 
@@ -155,7 +155,7 @@ def test_ties_drop_the_first_index():
     child = P.init_model(jax.random.key(9))
     new = tell(algorithm, state, child, jnp.array([1.0, 0.0]), params)
     # f = [0.5, 1, 0.5]: tie between slot 0 and the child; the first index leaves.
-    np.testing.assert_array_equal(flat(new.params), [flat(child), flat(seeds)[1]])
+    np.testing.assert_array_equal(flat(new.models), [flat(child), flat(seeds)[1]])
 
 
 def test_the_best_train_model_can_be_evicted():
@@ -169,12 +169,12 @@ def test_the_best_train_model_can_be_evicted():
     _, f = np_fitness(np.vstack([scores, child_scores]))
     assert np.argmax(scores.mean(1)) == 1 == np.argmin(f) and np.sort(f)[1] - f.min() > 0.1
     state = init(algorithm, models(3), jnp.asarray(scores), params)
-    _, before = algorithm.best(state)
+    _, before = algorithm.best(state, None)
     child = P.init_model(jax.random.key(9))
     new = tell(algorithm, state, child, jnp.asarray(child_scores), params)
     np.testing.assert_array_equal(new.scores[1], child_scores)
     chex.assert_trees_all_equal(archive_lib.get(new, 1), child)
-    _, after = algorithm.best(new)
+    _, after = algorithm.best(new, None)
     assert float(before) == 0.625 and float(after) == 0.5
 
 
@@ -196,8 +196,8 @@ def test_init_keeps_every_seed_in_order(filled):
     if filled == 6:
         assert state.occupied.all()
     np.testing.assert_array_equal(state.scores[:filled], scores)
-    np.testing.assert_array_equal(flat(state.params)[:filled], flat(seeds))
-    assert not np.asarray(state.scores[filled:]).any() and not flat(state.params)[filled:].any()
+    np.testing.assert_array_equal(flat(state.models)[:filled], flat(seeds))
+    assert not np.asarray(state.scores[filled:]).any() and not flat(state.models)[filled:].any()
 
 
 def test_init_with_more_seeds_than_slots_keeps_the_tell_rule():
@@ -212,25 +212,25 @@ def test_init_with_more_seeds_than_slots_keeps_the_tell_rule():
         if d < 3:
             slots[d], kept[d] = i, scores[i]
     np.testing.assert_array_equal(state.scores, scores[slots])
-    np.testing.assert_array_equal(flat(state.params), flat(models(6))[slots])
+    np.testing.assert_array_equal(flat(state.models), flat(models(6))[slots])
 
 
 def test_best_is_the_top_mean_train_score_among_occupied_first_on_ties():
     rng = np.random.default_rng(2)
     state, algorithm = make_state(rng)
-    model, score = algorithm.best(state)
+    model, score = algorithm.best(state, None)
     means = np.asarray(state.scores).mean(1)
     i = int(np.argmax(means))
     assert float(score) == np.float32(means[i])
     chex.assert_trees_all_equal(model, archive_lib.get(state, i))
     # an empty slot is never the best, even with every occupied score zero; ties -> first
-    hand = archive_lib.Archive(params=models(3), scores=jnp.array([[0.0, 0], [0, 0], [0.5, 0.5]]),
+    hand = archive_lib.Archive(models=models(3), scores=jnp.array([[0.0, 0], [0, 0], [0.5, 0.5]]),
                                occupied=jnp.array([False, True, True]))
-    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 2))
+    chex.assert_trees_all_equal(algorithm.best(hand, None)[0], archive_lib.get(hand, 2))
     hand = hand.replace(scores=jnp.zeros((3, 2)))
-    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 1))
+    chex.assert_trees_all_equal(algorithm.best(hand, None)[0], archive_lib.get(hand, 1))
     hand = hand.replace(scores=jnp.array([[1.0, 1], [0.5, 1], [1, 0.5]]))
-    chex.assert_trees_all_equal(algorithm.best(hand)[0], archive_lib.get(hand, 1))
+    chex.assert_trees_all_equal(algorithm.best(hand, None)[0], archive_lib.get(hand, 1))
 
 
 def test_empty_slots_fill_first_and_are_never_parents():
@@ -494,7 +494,7 @@ def test_warmup_counts_asks_in_a_run():
                            params=algorithm.default_params().replace(warmup=jnp.int32(w)), progress=False)
     cold, warm = run(0), run(12)
     assert int(cold.state.asked[0]) == int(warm.state.asked[0]) == 12
-    assert not np.array_equal(flat(cold.state.params), flat(warm.state.params))
+    assert not np.array_equal(flat(cold.state.models), flat(warm.state.models))
 
 
 def one_group(path):
@@ -512,7 +512,8 @@ def test_one_group_is_todays_m2n2_bit_for_bit():
     state, params = switch_state(plain)
     for key in KEYS[:5]:
         chex.assert_trees_all_equal(ask(grouped, key, state, params), ask(plain, key, state, params))
-    for no_split in (mj.M2N2(archive_size=N, split_point=False), mj.M2N2(archive_size=N, split_point=False, groups=one_group)):
+    for no_split in (mj.M2N2(archive_size=N, split_point=False),
+                     mj.M2N2(archive_size=N, split_point=False, groups=one_group)):
         chex.assert_trees_all_equal(ask(no_split, KEYS[0], state, params)[0],
                                     ask(mj.M2N2(archive_size=N, split_point=False), KEYS[0], state, params)[0])
 
@@ -734,7 +735,7 @@ def test_tell_inserts_children_in_order():
             None, state, jax.tree.map(lambda x: x[::-1], children), jnp.asarray(child_scores[::-1]), params))]:
         kept, slots = np_replay(order)
         np.testing.assert_array_equal(new.scores, kept)
-        np.testing.assert_array_equal(flat(new.params), everyone[slots])
+        np.testing.assert_array_equal(flat(new.models), everyone[slots])
     assert np_replay((0, 1))[1] == [3, 1] and np_replay((1, 0))[1] == [0, 3], "the counter-case must depend on order"
 
 

@@ -43,6 +43,12 @@ class SlerpGrid(Algorithm):
 
     num_ratios: int = 10_000
     slerp_eps: float = 1e-6
+    num_seeds = 2
+
+    @classmethod
+    def example(cls, model, num_points: int):
+        del model, num_points
+        return cls(num_ratios=60), None
 
     def __post_init__(self):
         if not isinstance(self.num_ratios, int) or self.num_ratios < 2:
@@ -74,10 +80,11 @@ class SlerpGrid(Algorithm):
         return State(state.seeds, state.step + 1, jnp.where(better, w, state.best_ratio),
                      jnp.where(better, score, state.best_score))
 
-    def best(self, state: State):
+    def best(self, state: State, params):
         a, b = (jax.tree.map(lambda x: x[i], state.seeds) for i in (0, 1))
         model = slerp(a, b, state.best_ratio, self.slerp_eps)
         # The ends are the seeds themselves, bit for bit.
-        model = jax.tree.map(lambda m, x, y: jnp.where(state.best_ratio == 0, x, jnp.where(state.best_ratio == 1, y, m)),
+        model = jax.tree.map(lambda m, x, y: jnp.where(state.best_ratio == 0, x,
+                                                       jnp.where(state.best_ratio == 1, y, m)),
                              model, a, b)
         return model, state.best_score

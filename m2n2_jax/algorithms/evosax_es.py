@@ -2,10 +2,17 @@
 
 The ES searches the model's parameters directly, maximising the mean training score
 (evosax minimises, so it is told the negative). One `ask` is one generation of
-`population_size` models, so the budget is counted exactly as for M2N2. The search
-starts at the mean of the seed models, and the best seed counts as the best solution so
-far; `best` returns the best solution found (by training score), as evosax tracks it.
-Params are evosax's own (e.g. `std_init`, the initial step size sigma_0).
+`population_size` models, so the budget is counted exactly as for M2N2: S seeds, then
+P passes per generation (`run` warns when the budget is not S + k P).
+
+Where it starts: the search distribution's mean is the average of the S seed models
+(one seed: that model), and the best seed counts as the best solution so far, so `best`
+never returns worse than the best seed. Its step size is params.std_init, sigma_0, in
+the units of the model's parameters: `default_params` sets it to 0.01 (the paper's
+CMA-ES from scratch, and a step that moves pre-trained seeds), not evosax's 1.0, which
+assumes unit-scale solutions (a user's Sep-CMA-ES from two pre-trained digits
+specialists stayed at 0.499 test score with 1.0 and reached 0.87-0.89 with 0.01, issue
+23). The other params are evosax's own.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2n2_jax.base import Algorithm
+
+STD_INIT = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +47,19 @@ class EvosaxES(Algorithm):
             raise ValueError(f"population_size must be an int >= 2, got {self.population_size!r}")
 
     @classmethod
-    def for_model(cls, strategy: type, model, population_size: int = 20) -> "EvosaxES":
+    def for_model(cls, strategy: type, model, population_size: int = 20) -> EvosaxES:
         """The ES over the parameters of pytrees shaped like `model` (arrays or ShapeDtypeStructs)."""
         leaves, treedef = jax.tree.flatten(model)
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
         return cls(strategy, (treedef, shapes), population_size)
+
+    @classmethod
+    def example(cls, model, num_points: int):
+        from evosax.algorithms import Sep_CMA_ES  # evosax: the experiments extra
+
+        del num_points
+        algorithm = cls.for_model(Sep_CMA_ES, model, population_size=4)
+        return algorithm, algorithm.default_params().replace(std_init=jnp.float32(0.3))
 
     @functools.cached_property  # one strategy object per value: evosax jits with it as a static argument
     def es(self) -> Any:
@@ -50,9 +68,15 @@ class EvosaxES(Algorithm):
         return self.strategy(population_size=self.population_size, solution=template)
 
     def default_params(self):
-        return self.es.default_params
+        """evosax's params of the strategy with std_init = `STD_INIT` (module docstring)."""
+        return self.es.default_params.replace(std_init=jnp.float32(STD_INIT))
+
+    def check_params(self, params) -> None:
+        if not np.all(np.asarray(params.std_init) > 0):
+            raise ValueError(f"EvosaxES params.std_init (sigma_0) must be > 0, got {np.asarray(params.std_init)}")
 
     def init(self, key, seed_models, seed_scores, params):
+        """The search starts at the seeds' average; the best seed is the best so far."""
         es = self.es
         mean = jax.tree.map(lambda x: x.mean(axis=0), seed_models)
         state = es.init(key, mean, params)
@@ -67,5 +91,6 @@ class EvosaxES(Algorithm):
         state, _ = self.es.tell(key, children, -scores.mean(axis=1), state, params)
         return state
 
-    def best(self, state):
+    def best(self, state, params):
+        """The best solution found (by mean training score), as evosax tracks it."""
         return self.es._unravel_solution(state.best_solution), -state.best_fitness

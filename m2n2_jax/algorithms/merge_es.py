@@ -16,7 +16,7 @@ candidate is a merge of fixed seed models with those coefficients:
 Coefficients are clipped to [0, 1] (slerp) or [0, `max_weight`] before merging (the
 ES keeps its unclipped samples). DARE's drop masks are drawn once per run (at init,
 per group), so a genome's model is a function of the genome: `best` returns exactly
-the model that was scored. The merge settings (density, slerp eps) are fixed at init. Any evosax distribution-based strategy works; it
+the model that was scored (with the same params). Any evosax distribution-based strategy works; it
 minimises, so it is told the negative mean training score. The best seed counts as
 the best solution so far (its genome: all 0 or 1 for slerp, zero weights = the base).
 """
@@ -29,11 +29,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from m2n2_jax import merge_ops
 from m2n2_jax.base import Algorithm
-from m2n2_jax.merge import GroupFn, leaf_groups, slerp
+from m2n2_jax.merge import GroupFn, PathPrefix, leaf_groups, slerp
 
 RECIPES = ("slerp", "task_arithmetic", "ties", "dare")
 
@@ -63,15 +64,12 @@ class State:
       seeds: the seed models, stacked (S, ...).
       asked: the genomes of the last ask, (P, K, G) (K = 1 for slerp).
       mask_key: key data of the run's DARE masks.
-      density, slerp_eps: the merge settings of `Params`, fixed at init.
     """
 
     es: Any
     seeds: Any
     asked: jax.Array
     mask_key: jax.Array
-    density: jax.Array
-    slerp_eps: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +97,33 @@ class MergeES(Algorithm):
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if not isinstance(self.population_size, int) or self.population_size < 2:
             raise ValueError(f"population_size must be an int >= 2, got {self.population_size!r}")
-        if not isinstance(self.num_models, int) or self.num_models < 1 or (self.recipe == "slerp" and self.num_models != 1):
+        if (not isinstance(self.num_models, int) or self.num_models < 1
+                or (self.recipe == "slerp" and self.num_models != 1)):
             raise ValueError(f"num_models must be an int >= 1 (1 for slerp), got {self.num_models!r}")
 
     @classmethod
+    def example(cls, model, num_points: int):
+        """CMA-ES over TIES weights of two models on a base, one per top-level leaf group."""
+        from evosax.algorithms import CMA_ES  # evosax: the experiments extra
+
+        del num_points
+        algorithm = cls.for_model(CMA_ES, "ties", model, PathPrefix(1), num_models=2, population_size=4)
+        params = algorithm.default_params()
+        return algorithm, params.replace(es=params.es.replace(std_init=jnp.float32(0.3)))
+
+    def check_params(self, params: Params) -> None:
+        density = np.asarray(params.density)
+        if not np.all((density >= 0) & (density <= 1)):
+            raise ValueError(f"MergeES params.density (the kept fraction) must lie in [0, 1], got {density}")
+        for name in ("slerp_eps", "min_std"):
+            if not np.all(np.asarray(getattr(params, name)) >= 0):
+                raise ValueError(f"MergeES params.{name} must be >= 0, got {np.asarray(getattr(params, name))}")
+        if not np.all(np.asarray(params.es.std_init) > 0):
+            raise ValueError(f"MergeES params.es.std_init must be > 0, got {np.asarray(params.es.std_init)}")
+
+    @classmethod
     def for_model(cls, strategy: type, recipe: str, model, group_fn: GroupFn | None, num_models: int = 1,
-                  population_size: int = 25, **kwargs) -> "MergeES":
+                  population_size: int = 25, **kwargs) -> MergeES:
         """The ES for models shaped like `model`, one coefficient per group of `group_fn`
         (a function of the leaf path; None: one group) and per merged model."""
         return cls(strategy, recipe, leaf_groups(model, group_fn), num_models, population_size, **kwargs)
@@ -126,12 +145,12 @@ class MergeES(Algorithm):
         return Params(es=self.es.default_params, density=jnp.float32(0.5), slerp_eps=jnp.float32(1e-6),
                       min_std=jnp.float32(1e-6))
 
-    def merge(self, state: State, genome):
+    def merge(self, state: State, genome, params: Params):
         """The model of one genome (K, G), merged from the state's seeds."""
         seeds = state.seeds
         if self.recipe == "slerp":
             a, b = (jax.tree.map(lambda x: x[i], seeds) for i in (0, 1))
-            return slerp(a, b, jnp.clip(genome[0], 0.0, 1.0), state.slerp_eps, groups=self.groups)
+            return slerp(a, b, jnp.clip(genome[0], 0.0, 1.0), params.slerp_eps, groups=self.groups)
         weights = jnp.clip(genome, 0.0, self.max_weight)
         leaves, treedef = jax.tree.flatten(seeds)
         out = [None] * len(leaves)
@@ -142,10 +161,10 @@ class MergeES(Algorithm):
             if self.recipe == "task_arithmetic":
                 merged = merge_ops.task_arithmetic(base, models, weights[:, g])
             elif self.recipe == "ties":
-                merged = merge_ops.ties(base, models, weights[:, g], state.density, convention="mergekit")
+                merged = merge_ops.ties(base, models, weights[:, g], params.density, convention="mergekit")
             else:
                 key = jax.random.fold_in(jax.random.wrap_key_data(state.mask_key), g)
-                merged = merge_ops.dare(key, base, models, weights[:, g], state.density, rescale="l1",
+                merged = merge_ops.dare(key, base, models, weights[:, g], params.density, rescale="l1",
                                         convention="mergekit")
             for i, leaf in zip(members, merged):
                 out[i] = leaf
@@ -154,7 +173,8 @@ class MergeES(Algorithm):
     def init(self, key, seed_models, seed_scores, params: Params) -> State:
         if seed_scores.shape[0] != self.num_seeds:
             what = "two models (A, B)" if self.recipe == "slerp" else f"the base and {self.num_models} models"
-            raise ValueError(f"the {self.recipe} recipe merges {what}: {self.num_seeds} seeds, got {seed_scores.shape[0]}")
+            raise ValueError(f"the {self.recipe} recipe merges {what}: "
+                             f"{self.num_seeds} seeds, got {seed_scores.shape[0]}")
         shape = (self.num_models, self.num_groups)
         key_es, key_masks = jax.random.split(key)
         state = self.es.init(key_es, jnp.full(shape, self.init_weight, jnp.float32), params.es)
@@ -166,19 +186,18 @@ class MergeES(Algorithm):
             genome = (jnp.arange(1, self.num_models + 1)[:, None] == best) * jnp.ones(shape, jnp.float32)
         state = state.replace(best_solution=self.es._ravel_solution(genome), best_fitness=-means[best])
         asked = jnp.zeros((self.population_size,) + shape, jnp.float32)
-        return State(state, seed_models, asked, jax.random.key_data(key_masks),
-                     jnp.asarray(params.density, jnp.float32), jnp.asarray(params.slerp_eps, jnp.float32))
+        return State(state, seed_models, asked, jax.random.key_data(key_masks))
 
     def ask(self, key, state: State, params: Params):
         genomes, es_state = self.es.ask(key, state.es, params.es)
-        children = jax.vmap(lambda g: self.merge(state, g))(genomes)
+        children = jax.vmap(lambda g: self.merge(state, g, params))(genomes)
         return children, state.replace(es=es_state, asked=genomes)
 
     def tell(self, key, state: State, children, scores, params: Params) -> State:
         es_state, _ = self.es.tell(key, state.asked, -scores.mean(axis=1), state.es, params.es)
         return state.replace(es=es_state.replace(std=jnp.maximum(es_state.std, params.min_std)))
 
-    def best(self, state: State):
+    def best(self, state: State, params: Params):
         """The merge of the best genome found (by training score), and that score."""
         genome = self.es._unravel_solution(state.es.best_solution)
-        return self.merge(state, genome), -state.es.best_fitness
+        return self.merge(state, genome, params), -state.es.best_fitness

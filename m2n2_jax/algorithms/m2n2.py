@@ -12,10 +12,12 @@ groups), are static fields of `M2N2`; the numbers (alpha, eps, warm-up steps, ..
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from m2n2_jax import archive as archive_lib
@@ -44,7 +46,8 @@ class Params:
         the digits code's zero guard only.
       warmup: W, the number of first children whose parents are both drawn uniformly
         among the occupied slots (the paper: at most 50 with pre-trained seeds; one
-        child per step unless `M2N2.children_per_step` > 1).
+        child per step unless `M2N2.children_per_step` > 1). No effect without
+        crossover (`M2N2.crossover=False`: the copied parent is always drawn by f).
       slerp_dot_threshold: the merge is linear where |cos(Omega)| exceeds it; 1 is
         the paper's rule (near-antiparallel parents give children far outside the
         parents' scale), mergekit's guard is 0.9995.
@@ -142,6 +145,25 @@ class M2N2(Algorithm):
     def population_size(self) -> int:
         return self.children_per_step
 
+    @classmethod
+    def example(cls, model, num_points: int):
+        del model, num_points
+        algorithm = cls(archive_size=10)
+        return algorithm, algorithm.default_params().replace(mutation_std=jnp.float32(0.05))
+
+    def check_params(self, params: Params) -> None:
+        """alpha, eps, the stds, warm-up and slerp_eps must be >= 0, the capacity finite
+        and >= 0, slerp_dot_threshold in (0, 1]."""
+        for name in ("alpha", "mutation_std", "slerp_eps", "eps", "warmup", "magnitude_std", "capacity"):
+            value = getattr(params, name)
+            if value is not None and not np.all(np.asarray(value) >= 0):
+                raise ValueError(f"M2N2Params.{name} must be finite and >= 0, got {np.asarray(value)}")
+        if params.capacity is not None and not np.all(np.isfinite(np.asarray(params.capacity))):
+            raise ValueError("M2N2Params.capacity must be finite")
+        threshold = np.asarray(params.slerp_dot_threshold)
+        if not np.all((threshold > 0) & (threshold <= 1)):
+            raise ValueError(f"M2N2Params.slerp_dot_threshold must lie in (0, 1], got {threshold}")
+
     def default_params(self) -> Params:
         return Params(alpha=jnp.float32(1.0), mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6),
                       eps=jnp.float32(0.0), warmup=jnp.int32(0), slerp_dot_threshold=jnp.float32(1.0),
@@ -154,9 +176,13 @@ class M2N2(Algorithm):
 
     def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
         """An archive of `archive_size` slots with the seeds inserted in order by the tell rule."""
-        m = seed_scores.shape[1]
+        num_seeds, m = seed_scores.shape
+        if num_seeds == 1 and not self.mutation:
+            warnings.warn("M2N2 from one seed model without mutation: every child merges that model with "
+                          "itself, a copy of it; give two or more seeds or turn mutation on", stacklevel=2)
         if params.capacity is not None and jnp.shape(params.capacity) != (m,):
-            raise ValueError(f"Params.capacity must have shape ({m},), one per datapoint, got {jnp.shape(params.capacity)}")
+            raise ValueError(f"Params.capacity must have shape ({m},), one per datapoint, "
+                             f"got {jnp.shape(params.capacity)}")
         template = jax.tree.map(lambda x: x[0], seed_models)
         if self.task_vectors:
             if params.base is None:
@@ -226,15 +252,18 @@ class M2N2(Algorithm):
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
         """Each child in turn competes with the N archive models; the lowest fitness leaves."""
         del key
+        return archive_lib.insert_each(state, children, scores, lambda s, c, x: self.insert(s, c, x, params)[0])
 
-        def insert(state, child, child_scores):
-            competing = jnp.concatenate([state.occupied, jnp.ones((1,), bool)])
-            _, fitness = self.fitness(jnp.concatenate([state.scores, child_scores[None]]), competing, params)
-            return archive_lib.insert_worst_leaves(state, child, child_scores, fitness)[0]
+    def insert(self, state: Archive, child, child_scores, params: Params) -> tuple[Archive, jax.Array]:
+        """One child (unstacked) with scores (M,) competes: (archive, index that left,
+        N for the child itself). The N occupied models and the child compete under
+        this variant's fitness (computed over all of them together); empty slots are
+        filled first, else the lowest fitness leaves, first index on ties."""
+        competing = jnp.concatenate([state.occupied, jnp.ones((1,), bool)])
+        _, fitness = self.fitness(jnp.concatenate([state.scores, child_scores[None]]), competing, params)
+        return archive_lib.insert_worst_leaves(state, child, child_scores, fitness)
 
-        return archive_lib.insert_each(state, children, scores, insert)
-
-    def best(self, state: Archive):
+    def best(self, state: Archive, params: Params):
         """The occupied model with the best plain training score (first on ties)."""
         return archive_lib.best(state)
 

@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from m2n2_jax import archive as archive_lib
@@ -48,6 +49,23 @@ class MapElites(Algorithm):
 
     bins: int | tuple[int, int] = 10
     mutation: bool = True
+
+    @classmethod
+    def example(cls, model, num_points: int):
+        """A 3 x 3 grid over the scores on the first and on the second half of the datapoints."""
+        del model
+        algorithm = cls(bins=3)
+        halves = group_descriptor((jnp.arange(num_points) >= num_points // 2).astype(jnp.int32))
+        return algorithm, algorithm.default_params().replace(descriptor=halves, mutation_std=jnp.float32(0.05))
+
+    def check_params(self, params: Params) -> None:
+        if params.descriptor is None:
+            raise ValueError("MapElites needs params.descriptor, a (2, M) matrix (see group_descriptor)")
+        if not np.all(np.isfinite(np.asarray(params.descriptor))):
+            raise ValueError("MapElites params.descriptor must be finite")
+        for name in ("mutation_std", "slerp_eps"):
+            if not np.all(np.asarray(getattr(params, name)) >= 0):
+                raise ValueError(f"MapElites params.{name} must be >= 0, got {np.asarray(getattr(params, name))}")
 
     def __post_init__(self):
         shape = self.grid
@@ -96,7 +114,7 @@ class MapElites(Algorithm):
 
         return archive_lib.insert_each(state, children, scores, insert)
 
-    def best(self, state: Archive):
+    def best(self, state: Archive, params: Params):
         return archive_lib.best(state)
 
 
