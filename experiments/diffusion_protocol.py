@@ -178,7 +178,7 @@ def run_evolutionary(name: str, p: Problem, spec):
     test_batch = (p.test["ja"], p.test["noise"], p.test["features"])
     result = mj.run(algo, harness.run_keys(spec.seed, spec.runs), score_fn, p.train_batch, spec.forward_passes,
                     params=params, seed_models=seeds, test_data=test_batch, log_every=spec.log_every,
-                    progress=not spec.no_progress, metrics_fn=ncs_metrics(algo, p),
+                    progress=not spec.no_progress, name=name, metrics_fn=ncs_metrics(algo, p),
                     mesh=single_data_mesh(spec.runs) if name == "cma-es" else None)
     pick = jax.jit(lambda state: algo.best(state, params)[0])
     return result, [jax.device_get(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]

@@ -114,7 +114,7 @@ def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, se
                         spec.forward_passes, params=params, seed_models=seed_models, seed_fn=seed_fn,
                         test_data=test, log_every=spec.log_every, steps_per_call=spec.generations_per_call,
                         checkpoint=checkpointing(spec, experiment), time_limit=spec.time_limit,
-                        progress=not spec.no_progress)
+                        progress=not spec.no_progress, name=spec.method)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if isinstance(algorithm, mj.SlerpGrid):

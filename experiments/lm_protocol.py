@@ -163,7 +163,7 @@ def run_evolutionary(name: str, algo, params, seeds, p: Pair, spec):
     fitness_scores = skill_weighted(p.score_fn, p.skill_of_point) if name.startswith("cma-es") else p.score_fn
     result = mj.run(algo, harness.run_keys(spec.seed, spec.runs), fitness_scores, p.train_batch, spec.forward_passes,
                     params=params, seed_models=seeds, test_data=p.test_batch, log_every=spec.log_every,
-                    progress=not spec.no_progress,
+                    progress=not spec.no_progress, name=name,
                     metrics_fn=skill_metrics(algo, p.score_fn, p.train_batch, p.weights, p.test_weights))
     pick = jax.jit(lambda state: returned_model(algo, state, params, p.score_fn, p.train_batch, p.weights)[0])
     return result, [p.evaluate(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]

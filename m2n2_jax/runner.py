@@ -219,23 +219,10 @@ def run(
     if per_run:
         params = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], -num_runs % runs_axis, axis=0)]), params)
 
-    if (seed_models is None) == (seed_fn is None):
-        raise ValueError("pass exactly one of seed_models (shared) and seed_fn (key -> stacked seeds per run)")
-    shared = seed_models is not None
-    seeds = stack_models(list(seed_models)) if shared else _seed_models(seed_fn, init_keys)
-    one_run_seeds = seeds if shared else jax.tree.map(lambda x: x[0], seeds)
+    seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys)
     num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
-    check_float_leaves(one_run_seeds, "seed models")
-    check_finite_params(seeds, "seed models")
-    if algorithm.num_seeds is not None and num_seeds != algorithm.num_seeds:
-        raise ValueError(f"{type(algorithm).__name__} takes {algorithm.num_seeds} seed models, got {num_seeds}")
     template = jax.tree.map(lambda x: x[0], one_run_seeds)
-    try:
-        out = jax.eval_shape(score_fn, template, data)
-    except Exception as e:  # shape errors surface as TypeError, flax errors, ...
-        raise ValueError(f"score_fn cannot evaluate a seed model on data (wrong data shape?): {e}") from e
-    if out.shape != (m,):
-        raise ValueError(f"score_fn must return per-datapoint scores of shape ({m},), got {out.shape}")
+    _check_score_fn(score_fn, template, data, m)
     check_contract(algorithm, one_run_seeds, m, jax.tree.map(lambda x: x[0], params) if per_run else params)
     plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
                     None if checkpoint is None else checkpoint.every)
@@ -323,6 +310,32 @@ def run(
         log_wall_seconds=np.concatenate(stamps)[mask],
         stopped_by_time_limit=stopped,
     )
+
+
+def _seeds(algorithm: Algorithm, seed_models, seed_fn, init_keys):
+    """(seeds, shared, one run's seeds (S, ...)), checked: shared seeds stacked, or each
+    run's drawn by `seed_fn`; floating-point, finite, as many as the algorithm takes."""
+    if (seed_models is None) == (seed_fn is None):
+        raise ValueError("pass exactly one of seed_models (shared) and seed_fn (key -> stacked seeds per run)")
+    shared = seed_models is not None
+    seeds = stack_models(list(seed_models)) if shared else _seed_models(seed_fn, init_keys)
+    one_run = seeds if shared else jax.tree.map(lambda x: x[0], seeds)
+    check_float_leaves(one_run, "seed models")
+    check_finite_params(seeds, "seed models")
+    num_seeds = jax.tree.leaves(one_run)[0].shape[0]
+    if algorithm.num_seeds is not None and num_seeds != algorithm.num_seeds:
+        raise ValueError(f"{type(algorithm).__name__} takes {algorithm.num_seeds} seed models, got {num_seeds}")
+    return seeds, shared, one_run
+
+
+def _check_score_fn(score_fn, model, data, m: int) -> None:
+    """score_fn(model, data) must trace to (m,) scores (checked abstractly)."""
+    try:
+        out = jax.eval_shape(score_fn, model, data)
+    except Exception as e:  # shape errors surface as TypeError, flax errors, ...
+        raise ValueError(f"score_fn cannot evaluate a seed model on data (wrong data shape?): {e}") from e
+    if out.shape != (m,):
+        raise ValueError(f"score_fn must return per-datapoint scores of shape ({m},), got {out.shape}")
 
 
 def _power_of_two(n: int, up: bool) -> int:
