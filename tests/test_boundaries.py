@@ -26,7 +26,8 @@ BUDGET = 14
 
 
 def run(**kwargs):
-    args = dict(params=PARAMS, seed_fn=P.seed_fn, test_data=P.TEST, log_every=4, progress=False)
+    """A short M2N2 run of the 3 keys; calls of 4 steps in every test (one compiled step program)."""
+    args = dict(params=PARAMS, seed_fn=P.seed_fn, test_data=P.TEST, log_every=4, steps_per_call=4, progress=False)
     return mj.run(kwargs.pop("algorithm", ALGO), kwargs.pop("keys", P.KEYS), kwargs.pop("score_fn", P.score_fn),
                   kwargs.pop("data", P.TRAIN), kwargs.pop("budget", BUDGET), **{**args, **kwargs})
 
@@ -153,7 +154,7 @@ def test_unhashable_group_labels_are_refused_naming_the_leaf():
 
 
 def test_merge_ops_refuse_out_of_range_density_and_t():
-    a, b, c = (P.init_model(jax.random.key(i)) for i in range(3))
+    a, b, c = ({"w": jnp.full(4, float(i))} for i in range(1, 4))
     with pytest.raises(ValueError, match="density"):
         mj.merge_ops.ties(a, [b, c], jnp.ones(2), 1.5)
     with pytest.raises(ValueError, match="t must lie in"):
@@ -163,9 +164,17 @@ def test_merge_ops_refuse_out_of_range_density_and_t():
 
 
 def test_one_seed_without_mutation_warns_every_child_is_a_copy():
-    algorithm = mj.M2N2(archive_size=10, mutation=False)
+    """init warns (while tracing: `run` calls it so) for one seed without mutation, not with two."""
+    seeds = P.seed_fn(jax.random.key(5))
+    one = jax.tree.map(lambda x: x[:1], seeds)
+    init = lambda algorithm, models: jax.eval_shape(algorithm.init, jax.random.key(0), models,
+                                                    jnp.zeros((jax.tree.leaves(models)[0].shape[0], 90)), PARAMS)
     with pytest.warns(UserWarning, match="copy"):
-        run(algorithm=algorithm, seed_fn=None, seed_models=[P.init_model(jax.random.key(5))], budget=5)
+        init(mj.M2N2(mutation=False), one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        init(mj.M2N2(mutation=False), seeds)
+        init(mj.M2N2(mutation=True), one)
 
 
 # --- the contract check names the leaf -------------------------------------------------
@@ -197,5 +206,5 @@ def test_one_version():
 def test_progress_is_labelled_by_the_name(name, label, monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    run(progress=True, name=name, keys=P.KEYS[:1])
+    run(progress=True, name=name)
     assert err.getvalue().lstrip("\r").startswith(label + ":"), err.getvalue()[:80]
