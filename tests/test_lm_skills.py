@@ -51,7 +51,8 @@ def test_lm_skills_writes_the_json_contract(tmp_path):
 
 
 def test_models_are_cached_per_test_set(tmp_path, monkeypatch):
-    t = lm_models.Training(d_model=16, num_layers=1, num_heads=2, batch=8, pool=100, base_steps=2, finetune_steps=2)
+    # the sizes of TINY above: the training programs compiled by the contract test are reused
+    t = lm_models.Training(d_model=16, num_layers=1, num_heads=2, batch=16, pool=300, base_steps=4, finetune_steps=3)
     models = lm_models.load_or_train(t, {"r:abc="}, str(tmp_path), log=lambda *a: None)
     assert set(models) == {"base", "addition", "reversal"}
 
