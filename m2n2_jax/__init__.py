@@ -19,14 +19,14 @@ from m2n2_jax.checkpoint import Checkpointing
 from m2n2_jax.checks import check_contract
 from m2n2_jax.fitness import attraction, resource_fitness
 from m2n2_jax.merge import (
-                            PathPrefix,
-                            group_sizes,
-                            leaf_groups,
-                            leaf_path,
-                            num_params,
-                            slerp,
-                            slerp_coefficients,
-                            split_point_slerp,
+    PathPrefix,
+    group_sizes,
+    leaf_groups,
+    leaf_path,
+    num_params,
+    slerp,
+    slerp_coefficients,
+    split_point_slerp,
 )
 from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
 from m2n2_jax.runner import RunResult, Schedule, evolve, init_state, run, schedule, step, test_score_metrics
