@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = object
 GroupFn = Callable[[str], Hashable]
@@ -128,11 +129,118 @@ def coefficients_from_reductions(dot, aa, bb, ratios, eps: float = 1e-6, dot_thr
     return c_a, c_b
 
 
+WORD = 2**30
+"""A split point k of any size travels as the int32 pair (k // WORD, k % WORD): a group
+may hold more than 2^31 - 1 coordinates (a 7B model as one group), and JAX computes in
+32 bits unless x64 is enabled. Pairs address groups of up to 2^61 coordinates."""
+
+
+def split_words(split, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """(hi, lo), int32 (G,) each with k = hi * WORD + lo, from a split point given as an
+    integer (a Python or NumPy int of any size, or an int32 array), shape () or (G,),
+    or as the pair (hi, lo) itself."""
+    if isinstance(split, tuple):
+        hi, lo = split
+    elif isinstance(split, jax.Array):
+        if not jnp.issubdtype(split.dtype, jnp.integer):
+            raise ValueError(f"split must be an integer array, got {split.dtype}")
+        k = split.astype(jnp.int32)
+        hi, lo = k >> 30, k & (WORD - 1)
+    else:
+        k = np.asarray(split)
+        if not np.issubdtype(k.dtype, np.integer):
+            raise ValueError(f"split must be an integer, got {k.dtype}")
+        hi, lo = np.divmod(k.astype(np.int64), WORD)
+    as_groups = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32).reshape(-1), (num_groups,))
+    return as_groups(hi), as_groups(lo)
+
+
+def random_split(key: jax.Array, sizes: tuple[int, ...], shape: tuple[int, ...] = ()):
+    """Split points k_g ~ U{0, .., D_g - 1}, one per group of `sizes` (static ints),
+    shaped `shape` (() for one group, (G,) for G). Groups below 2^31 coordinates draw
+    one `jax.random.randint` (int32, as always); with a larger group, every group is
+    drawn as a (hi, lo) pair (`WORD`), exactly uniform by rejection."""
+    if max(sizes) < 2**31:
+        return jax.random.randint(key, shape, 0, jnp.asarray(sizes, jnp.int32).reshape(shape))
+    words = [_random_wide(k, d) for k, d in zip(jax.random.split(key, len(sizes)), sizes)]
+    return tuple(jnp.stack([w[i] for w in words]).reshape(shape) for i in range(2))
+
+
+def _random_wide(key: jax.Array, size: int, word: int = WORD) -> tuple[jax.Array, jax.Array]:
+    """k ~ U{0, .., size - 1} as (k // word, k % word): hi uniform below ceil(size /
+    word), lo uniform below word, redrawn while k >= size (accepted with probability
+    > 1/2 when size > word); a group of at most `word` draws lo alone."""
+    if not 0 < size < 2**31 * word:
+        raise ValueError(f"a group of {size} coordinates: split points address 1 .. 2^61 - 1")
+    if size <= word:
+        return jnp.int32(0), jax.random.randint(key, (), 0, size)
+    top, last = -(-size // word), size - (-(-size // word) - 1) * word
+
+    def draw(i):
+        key_hi, key_lo = jax.random.split(jax.random.fold_in(key, i))
+        return jax.random.randint(key_hi, (), 0, top), jax.random.randint(key_lo, (), 0, word)
+
+    rejected = lambda hi, lo: (hi == top - 1) & (lo >= last)
+    hi, lo = draw(0)
+    _, hi, lo = jax.lax.while_loop(lambda c: rejected(c[1], c[2]), lambda c: (c[0] + 1, *draw(c[0] + 1)), (0, hi, lo))
+    return hi, lo
+
+
+def leaf_split(hi: jax.Array, lo: jax.Array, offset: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Where the split point k = hi * WORD + lo cuts a leaf of `shape` that starts at
+    flat index `offset` (static): k_leaf = clip(k - offset, 0, size), returned as its
+    (row, column) in the leaf viewed as (shape[0], rest), int32 scalars; row = shape[0]
+    when the whole leaf lies before k. Exact for any size: the 64-bit arithmetic is
+    done on 30-bit words, and rows and columns are below 2^31."""
+    rows, size = (shape[0] if shape else 1), math.prod(shape)
+    inner = size // rows if rows else 1
+    if inner >= 2**31:
+        raise ValueError(f"a leaf of shape {shape}: its trailing dimensions hold {inner} >= 2^31 coordinates")
+    off_hi, off_lo = divmod(offset, WORD)
+    size_hi, size_lo = divmod(size, WORD)
+    d_lo = lo - off_lo
+    borrow = d_lo < 0
+    d_lo = jnp.where(borrow, d_lo + WORD, d_lo)
+    d_hi = hi - off_hi - borrow.astype(jnp.int32)
+    before_leaf = d_hi < 0
+    past_leaf = (d_hi > size_hi) | ((d_hi == size_hi) & (d_lo >= size_lo))
+    if size < 2**31:  # k_leaf fits int32
+        k = jnp.clip(d_hi, 0, size_hi) * WORD + d_lo
+        row, column = k // inner, k % inner
+    else:  # long division of the 61-bit k_leaf by inner, one bit at a time
+        d_hi = jnp.clip(d_hi, 0, size_hi).astype(jnp.uint32)
+        rest, row = jnp.uint32(0), jnp.int32(0)
+        for bit in range(30 + size_hi.bit_length() - 1, -1, -1):
+            b = (d_hi >> (bit - 30)) & 1 if bit >= 30 else (d_lo.astype(jnp.uint32) >> bit) & 1
+            rest = (rest << 1) | b
+            take = rest >= inner
+            rest = jnp.where(take, rest - jnp.uint32(inner), rest)
+            row = (row << 1) | take.astype(jnp.int32)
+        column = rest.astype(jnp.int32)
+    row = jnp.where(past_leaf, rows, jnp.where(before_leaf, 0, row))
+    column = jnp.where(past_leaf | before_leaf, 0, column)
+    return row.astype(jnp.int32), column.astype(jnp.int32)
+
+
+def before_split(shape: tuple[int, ...], offset: int, hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """bool `shape`: which coordinates of a leaf starting at flat index `offset` lie
+    before the split point k (flat index < k, in C order), without a flat index wider
+    than the leaf's rows or columns."""
+    row, column = leaf_split(hi, lo, offset, shape)
+    if len(shape) == 0:
+        return row > 0
+    rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    if len(shape) == 1:
+        return rows < row
+    columns = jax.lax.iota(jnp.int32, math.prod(shape[1:])).reshape(shape[1:])
+    return (rows < row) | ((rows == row) & (columns < column))
+
+
 def split_point_slerp(
     a: PyTree,
     b: PyTree,
     ratio: jax.Array,
-    split: jax.Array,
+    split,
     eps: float = 1e-6,
     dot_threshold: float = 1.0,
     groups: tuple[int, ...] | None = None,
@@ -142,9 +250,11 @@ def split_point_slerp(
     Args:
       a, b: parent pytrees of the same structure and dtypes.
       ratio: w, float scalar in [0, 1]; shape (G,) with groups.
-      split: k, int scalar in [0, D]; k = D gives slerp(w), k = 0 gives slerp(1 - w).
-        Shape (G,) with groups, k_g in [0, D_g]. (M2N2 draws k uniformly in [0, D),
-        SPEC.md; every value of [0, D] is a valid merge.)
+      split: k, an integer in [0, D]; k = D gives slerp(w), k = 0 gives slerp(1 - w).
+        Shape (G,) with groups, k_g in [0, D_g]. Of any size: an int32 array, a Python
+        or NumPy int, or the pair (k // WORD, k % WORD) that `random_split` returns for
+        groups of 2^31 coordinates or more. (M2N2 draws k uniformly in [0, D), SPEC.md;
+        every value of [0, D] is a valid merge.)
       groups: the group index 0 .. G - 1 of each leaf, a tuple of ints in
         `jax.tree.leaves` order: what `leaf_groups(model, fn)` returns for M2N2's
         `groups=fn` (a function labelling leaf paths). None is one group, and one
@@ -160,7 +270,7 @@ def split_point_slerp(
         raise ValueError(f"groups names {len(groups)} leaves, the model has {len(leaves_a)}")
     num_groups = max(groups) + 1
     ratio = jnp.asarray(ratio, jnp.float32).reshape(num_groups)
-    split = jnp.asarray(split).reshape(num_groups)
+    hi, lo = split_words(split, num_groups)
     coefficients = []
     for g in range(num_groups):
         members = [i for i, gi in enumerate(groups) if gi == g]
@@ -169,14 +279,12 @@ def split_point_slerp(
             jnp.stack([ratio[g], 1.0 - ratio[g]]), eps, dot_threshold))
     out, offsets = [], [0] * num_groups
     for g, x, y in zip(groups, leaves_a, leaves_b):
-        size = math.prod(x.shape)
         (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients[g]
-        index = offsets[g] + jax.lax.iota(jnp.int32, size).reshape(x.shape)
-        before = index < split[g]
+        before = before_split(x.shape, offsets[g], hi[g], lo[g])
         c_a = jnp.where(before, ca_lo, ca_hi)
         c_b = jnp.where(before, cb_lo, cb_hi)
         out.append((c_a * x.astype(jnp.float32) + c_b * y.astype(jnp.float32)).astype(x.dtype))
-        offsets[g] += size
+        offsets[g] += math.prod(x.shape)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -191,7 +299,7 @@ def slerp(
     """Plain spherical interpolation with one ratio w for every coordinate (per group:
     ratio (G,), each group with its own angle)."""
     if groups is not None:
-        return split_point_slerp(a, b, ratio, jnp.asarray(group_sizes(a, groups)), eps, dot_threshold, groups)
+        return split_point_slerp(a, b, ratio, np.asarray(group_sizes(a, groups)), eps, dot_threshold, groups)
     ratio = jnp.asarray(ratio, jnp.float32)
     c_a, c_b = slerp_coefficients(a, b, ratio, eps, dot_threshold)
     return jax.tree.map(

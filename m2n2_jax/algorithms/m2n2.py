@@ -24,7 +24,7 @@ from m2n2_jax import archive as archive_lib
 from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
-from m2n2_jax.merge import group_sizes, leaf_groups, slerp, split_point_slerp
+from m2n2_jax.merge import group_sizes, leaf_groups, random_split, slerp, split_point_slerp
 from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
 from m2n2_jax.task_vectors import add_task_vector, rescale_groups, scale_groups, task_vector, union_norms
@@ -245,7 +245,7 @@ class M2N2(Algorithm):
         ratio = jax.random.uniform(key_ratio, shape)
         if not self.split_point:
             return slerp(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold, groups)
-        split = jax.random.randint(key_split, shape, 0, jnp.asarray(sizes).reshape(shape))
+        split = random_split(key_split, sizes, shape)
         return split_point_slerp(parent_a, parent_b, ratio, split, params.slerp_eps, params.slerp_dot_threshold,
                                  groups)
 

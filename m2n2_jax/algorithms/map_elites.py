@@ -21,7 +21,7 @@ from flax import struct
 from m2n2_jax import archive as archive_lib
 from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
-from m2n2_jax.merge import num_params, split_point_slerp
+from m2n2_jax.merge import num_params, random_split, split_point_slerp
 from m2n2_jax.mutation import gaussian_mutation
 from m2n2_jax.selection import proportional, sample
 
@@ -97,7 +97,7 @@ class MapElites(Algorithm):
         probs = proportional(state.scores.mean(axis=1), state.occupied)
         parent_a = archive_lib.get(state, sample(key_a, probs))
         parent_b = archive_lib.get(state, sample(key_b, probs))
-        split = jax.random.randint(key_split, (), 0, num_params(parent_a))
+        split = random_split(key_split, (num_params(parent_a),))
         child = split_point_slerp(parent_a, parent_b, jax.random.uniform(key_ratio), split, params.slerp_eps)
         if self.mutation:
             child = gaussian_mutation(key_noise, child, params.mutation_std)
