@@ -169,7 +169,7 @@ def single_data_mesh(runs: int) -> Mesh:
     """Runs over the devices, the datapoints never split (the Fréchet distance needs all
     of a model's images on one device)."""
     r = runs_axis_size(runs, len(jax.devices()))
-    return Mesh(np.array(jax.devices()[:r]).reshape(r, 1), AXES)
+    return Mesh(np.array(jax.devices()[:r]).reshape(r, 1, 1), AXES)
 
 
 def run_evolutionary(name: str, p: Problem, spec):

@@ -18,6 +18,7 @@ from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing
 from m2n2_jax.checks import check_contract
 from m2n2_jax.fitness import attraction, resource_fitness
+from m2n2_jax.memory_plan import memory_plan
 from m2n2_jax.merge import (
     PathPrefix,
     group_sizes,
@@ -32,12 +33,14 @@ from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
 from m2n2_jax.runner import RunResult, Schedule, evolve, init_state, run, schedule, step, test_score_metrics
 from m2n2_jax.scoring import evaluate
 from m2n2_jax.selection import proportional, sample_parents
+from m2n2_jax.sharding import model_specs
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "M2N2Params", "MUTATION_RNGS",
     "MapElites", "MergeES", "PathPrefix", "RandomSearch", "RunResult", "Schedule", "SlerpGrid",
     "attraction", "check_contract", "evaluate", "evolve", "gaussian_mutation", "group_descriptor", "group_sizes",
-    "init_state", "insert_worst_leaves", "leaf_groups", "leaf_path", "merge_ops", "num_params", "proportional",
+    "init_state", "insert_worst_leaves", "leaf_groups", "leaf_path", "memory_plan", "merge_ops", "num_params",
+    "model_specs", "proportional",
     "resource_fitness", "run", "sample_parents", "schedule", "slerp", "slerp_coefficients", "split_point_slerp",
     "step", "test_score_metrics", "uniform_pair",
 ]

@@ -1,7 +1,9 @@
 """The archive: N stacked models, their score matrix and which slots are occupied.
 
 Memory: the stacked models hold N copies of the model (N * D * itemsize bytes) and the
-scores N * M float32; insertion updates one slot in place.
+scores N * M float32; insertion updates one slot in place. The models may live in host
+memory (`run(archive_memory="pinned_host")`): `get` then brings a slot to the device
+and `replace` writes one back, so algorithms built on these functions need no change.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from m2n2_jax.sharding import is_on_host, on_device
 
 
 @struct.dataclass
@@ -46,8 +50,8 @@ def empty(template, num_slots: int, num_points: int) -> Archive:
 
 
 def get(archive: Archive, index: jax.Array):
-    """The model in slot `index`, a pytree without the slot axis."""
-    return jax.tree.map(lambda p: p[index], archive.models)
+    """The model in slot `index`, a pytree without the slot axis, in device memory."""
+    return on_device(jax.tree.map(lambda p: p[index], archive.models))
 
 
 def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept: jax.Array) -> Archive:
@@ -56,10 +60,11 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
     Only one slot is touched either way (a rejected write rewrites slot `index` with
     its own contents), so inside `lax.scan` the update happens in place.
     """
-    keep = lambda new, stack: jnp.where(accept, new, stack[index])
-    models = jax.tree.map(lambda stack, new: stack.at[index].set(keep(new, stack)), archive.models, model)
+    keep = lambda new, stack: jnp.where(accept, new, on_device(stack[index]))
+    write = lambda stack, new: stack.at[index].set(
+        jax.device_put(keep(new, stack), jax.memory.Space.Host) if is_on_host(stack) else keep(new, stack))
     return archive.replace(
-        models=models,
+        models=jax.tree.map(write, archive.models, model),
         scores=archive.scores.at[index].set(keep(scores, archive.scores)),
         occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),
     )

@@ -43,7 +43,7 @@ def check_float_leaves(tree, what: str) -> None:
                              "e.g. in score_fn's closure)")
 
 
-def check_contract(algorithm, seed_models, num_points: int, params) -> None:
+def check_contract(algorithm, seed_models, num_points: int, params):
     """Check, with `jax.eval_shape` (nothing computed), what the runner relies on
     (base.py): `ask` and `tell` keep the state's structure and every leaf's shape and
     dtype (the state is a `lax.scan` carry; a Python number in the state becomes a
@@ -52,6 +52,9 @@ def check_contract(algorithm, seed_models, num_points: int, params) -> None:
     Args:
       seed_models: one run's seeds, stacked (S, ...).
       params: one run's params.
+
+    Returns:
+      The state's shapes (`jax.ShapeDtypeStruct`s).
 
     Raises:
       ValueError naming the method and the offending leaf.
@@ -70,6 +73,7 @@ def check_contract(algorithm, seed_models, num_points: int, params) -> None:
             raise ValueError(f"{name}.ask: child leaf {jax.tree_util.keystr(path)} has shape {child.shape}, "
                              f"expected a leading axis of population_size = {pop}")
     _same_state(name + ".tell", jax.eval_shape(algorithm.tell, key, state, children, scores, params), state)
+    return state
 
 
 def _same_state(what: str, new, old) -> None:

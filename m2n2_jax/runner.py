@@ -2,7 +2,7 @@
 
 `step` (one ask / evaluate / tell) is the scan body of every run and can be called
 inside a user's own `jit`; `evolve` scans it. `run` adds what a long run needs on the
-host: validation, placement on a ("runs", "data") mesh, progress, logging, checkpoints
+host: validation, placement on a ("runs", "data", "model") mesh, progress, logging, checkpoints
 and a time limit. Independent runs (one per key) share one compiled call; each step's
 key is `fold_in(run_key, step)`, so results do not depend on how steps are chunked
 into calls, and a resumed run ends bit-identical. The budget counts forward passes:
@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
 from m2n2_jax.checks import (
@@ -36,7 +37,16 @@ from m2n2_jax.checks import (
     valid_children,
 )
 from m2n2_jax.scoring import evaluate, num_points
-from m2n2_jax.sharding import check_mesh, default_mesh, from_process_0, pad_points, to_host
+from m2n2_jax.sharding import (
+    MEMORY_KINDS,
+    Placement,
+    check_mesh,
+    default_mesh,
+    from_process_0,
+    on_device,
+    pad_points,
+    to_host,
+)
 
 
 def step(algorithm: Algorithm, score_fn: Callable, state, key: jax.Array, params, data):
@@ -150,6 +160,8 @@ def run(
     chunk_size: int | None = None,
     steps_per_call: int | None = None,
     mesh: Mesh | None = None,
+    model_specs=None,
+    archive_memory: str = "device",
     checkpoint: Checkpointing | None = None,
     time_limit: float | None = None,
     progress: bool = True,
@@ -178,13 +190,23 @@ def run(
       log_every: log when the pass count reaches a multiple of this, and at the end.
       chunk_size: score datapoints this many at a time (`lax.map`), bounding memory.
       steps_per_call: steps per compiled call (progress and time-limit granularity).
-      mesh: a Mesh with axes ("runs", "data"), e.g. `jax.make_mesh((2, 2), ("runs",
-        "data"))`: runs split over "runs", training datapoints over "data" (each device
-        scores its slice; scores are gathered). Default: runs over as many devices as
-        there are runs, the rest share the datapoints. R and M are padded with copies
-        of the last run / datapoint, dropped from the result. After
+      mesh: a Mesh with axes ("runs", "data", "model") (or ("runs", "data")), e.g.
+        `jax.make_mesh((2, 2, 2), ("runs", "data", "model"))`: runs split over "runs",
+        training datapoints over "data" (each device scores its slice; scores are
+        gathered), every model's leaves over "model" (the archive, seeds, parents,
+        child and noise; `score_fn` receives the child so sharded, and XLA partitions
+        it). Default: runs over as many devices as there are runs, the rest share the
+        datapoints, model axis 1. R and M are padded with copies of the last run /
+        datapoint, dropped from the result. After
         `jax.distributed.initialize()` every process calls `run` alike, and the mesh
         must hold devices of every process (the default takes the global `jax.devices()`).
+      model_specs: a PartitionSpec per model leaf (a pytree like one model, naming
+        "model" or None per dimension, e.g. from flax's partitioning annotations);
+        default `sharding.model_specs`: each leaf's largest dimension that the model
+        axis divides, leaves with none replicated.
+      archive_memory: "device", or "pinned_host" to keep the archive's models in host
+        memory (an `Archive` in the algorithm's state): each step brings the two
+        parents to the device and writes the child back; results are unchanged.
       checkpoint: save the whole run with orbax when the pass count crosses a multiple
         of `checkpoint.every` (and at the end); with `resume`, continue from the
         latest, refused (naming what differs) unless the algorithm, each params field,
@@ -213,6 +235,8 @@ def run(
             raise ValueError("test_data must have the same pytree structure as data")
     params, per_run = check_params(algorithm, algorithm.default_params() if params is None else params, num_runs)
     mesh = check_mesh(default_mesh(num_runs) if mesh is None else mesh)
+    if archive_memory not in MEMORY_KINDS:
+        raise ValueError(f"archive_memory must be one of {MEMORY_KINDS}, got {archive_memory!r}")
     runs_axis, data_axis = mesh.shape["runs"], mesh.shape["data"]
     padded = jnp.concatenate([keys, jnp.repeat(keys[-1:], -num_runs % runs_axis, axis=0)])
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
@@ -223,20 +247,25 @@ def run(
     num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
     template = jax.tree.map(lambda x: x[0], one_run_seeds)
     _check_score_fn(score_fn, template, data, m)
-    check_contract(algorithm, one_run_seeds, m, jax.tree.map(lambda x: x[0], params) if per_run else params)
+    state_shape = check_contract(algorithm, one_run_seeds, m,
+                                 jax.tree.map(lambda x: x[0], params) if per_run else params)
+    placement = Placement.of(mesh, template, model_specs)
+    if archive_memory != "device" and not any(isinstance(x, Archive) for x in jax.tree.leaves(
+            state_shape, is_leaf=lambda x: isinstance(x, Archive))):
+        raise ValueError(f"archive_memory={archive_memory!r} keeps an Archive's models in host memory, and "
+                         f"{type(algorithm).__name__}'s state holds no Archive")
     plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
                     None if checkpoint is None else checkpoint.every)
 
     statics = dict(algorithm=algorithm, score_fn=score_fn, metrics_fn=metrics_fn, chunk_size=chunk_size,
-                   mesh=mesh, m=m, shared=shared, per_run=per_run)
+                   mesh=mesh, m=m, shared=shared, per_run=per_run, placement=placement, archive_memory=archive_memory)
     points, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     if checkpoint is not None:  # of the host values, before placing
         digests = {"training_data": _digest(data), "params": _field_digests(params)}
     data = jax.device_put(pad_points(data, data_axis), points)
     test_data = jax.device_put(test_data, replicated)
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec("runs")) if per_run else replicated)
-    if shared:
-        seeds = jax.device_put(seeds, replicated)
+    params = jax.device_put(params, placement.shardings(params, ("runs",) if per_run else ()))
+    seeds = jax.device_put(seeds, placement.shardings(seeds, () if shared else ("runs",)))
     store, resumed_at = None, None
     if checkpoint is not None:
         store = Store(checkpoint, {
@@ -250,6 +279,7 @@ def run(
 
     t0 = time.perf_counter()
     state, seed_scores, metrics0 = _start(seeds, init_keys, params, data, test_data, **statics)
+    del seeds  # placed copies: with a large model, device memory the steps need
     check_scores(to_host(seed_scores), m, "seed models")
     logs = {k: [to_host(v)[:, None]] for k, v in metrics0.items()}
     stamps = [np.full(1, time.perf_counter() - t0)]
@@ -296,7 +326,7 @@ def run(
         final = _measure(state, params, test_data, **statics)
         for k, v in final.items():
             logs[k][:, -1] = to_host(v)
-    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run)
+    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run, placement=placement)
     jax.block_until_ready(best_models)
     # With several processes, no process can read the sharded arrays: gather them.
     gather = to_host if jax.process_count() > 1 else (lambda x: x)
@@ -473,11 +503,12 @@ def _field_digests(params) -> dict:
     return {jax.tree_util.keystr(path) or "params": _digest(leaf) for path, leaf in jax.tree.leaves_with_path(params)}
 
 
-def _scorer(score_fn, chunk_size, m, split_data: bool):
-    """(model, data slice) -> (m,) scores; with split data, every device's slice gathered."""
+def _scorer(score_fn, chunk_size, m, split_data: bool, placement: Placement):
+    """(model, data slice) -> (m,) scores; with split data, every device's slice
+    gathered. The model reaches score_fn in device memory, split over "model"."""
 
     def scores(model, batch):
-        s = evaluate(score_fn, model, batch, chunk_size)
+        s = evaluate(score_fn, placement.constrain(on_device(model)), batch, chunk_size)
         return jax.lax.all_gather(s, "data", tiled=True)[:m] if split_data else s
 
     return scores
@@ -494,10 +525,33 @@ def _metrics(algorithm, score_fn, metrics_fn, chunk_size):
 
 
 def _sharded(fn, mesh, in_specs):
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"), check_vma=False)
+    """fn over the devices: "runs" and "data" manual; "model" left to XLA when it splits anything."""
+    manual = {"runs", "data"} if mesh.shape["model"] > 1 else set(mesh.axis_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"), check_vma=False,
+                         axis_names=manual)
 
 
-STATIC = ("algorithm", "score_fn", "metrics_fn", "chunk_size", "mesh", "m", "shared", "per_run")
+def _place_state(states, placement: Placement, archive_memory: str):
+    """The runs' states (leading axis R) as they live between calls: split over "runs",
+    stacked models over "model", an Archive's models in `archive_memory`."""
+    if not placement.sharded and archive_memory == "device":
+        return states  # as the shard_map leaves them (the programs of a run without a model axis)
+    return jax.device_put(states, state_shardings(states, placement, archive_memory))
+
+
+def state_shardings(states, placement: Placement, archive_memory: str):
+    """NamedShardings of the runs' states (arrays or shapes, leading axis R): split
+    over "runs", stacked models over "model", an Archive's models in `archive_memory`."""
+    shardings = placement.shardings(states, ("runs",))
+    if archive_memory == "device":
+        return shardings
+    host = lambda s: jax.tree.map(lambda x: x.with_memory_kind(archive_memory), s)
+    return jax.tree.map(lambda s: s.replace(models=host(s.models)) if isinstance(s, Archive) else s,
+                        shardings, is_leaf=lambda x: isinstance(x, Archive))
+
+
+STATIC = ("algorithm", "score_fn", "metrics_fn", "chunk_size", "mesh", "m", "shared", "per_run", "placement",
+          "archive_memory")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -514,9 +568,9 @@ def _map_runs(fn, per_run: bool, params, *per_run_args):
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _start(seeds, run_keys, params, data, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared,
-           per_run):
+           per_run, placement, archive_memory):
     """(states, seed scores, metrics) of every run after `init`."""
-    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1)
+    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1, placement)
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
 
     def runs(seeds, run_keys, params, data, test):
@@ -530,16 +584,18 @@ def _start(seeds, run_keys, params, data, test, *, algorithm, score_fn, metrics_
 
     R, P = PartitionSpec("runs"), PartitionSpec()
     specs = (P if shared else R, R, R if per_run else P, PartitionSpec("data"), P)
-    return _sharded(runs, mesh, specs)(seeds, run_keys, params, data, test)
+    states, scores, metrics = _sharded(runs, mesh, specs)(seeds, run_keys, params, data, test)
+    return _place_state(states, placement, archive_memory), scores, metrics
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=STATIC, donate_argnames="states")
 def _advance(states, run_keys, params, first_step, active, logged, data, test, *, algorithm, score_fn, metrics_fn,
-             chunk_size, mesh, m, shared, per_run):
+             chunk_size, mesh, m, shared, per_run, placement, archive_memory):
     """One call of every run: step first_step + i where active[i], metrics where
     logged[i] (the host's `Schedule`), else the state as is and NaN metrics.
-    Returns (states, metrics, ok), each (R, call_steps)."""
-    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1)
+    Returns (states, metrics, ok), each (R, call_steps); the states are updated in
+    place (donated)."""
+    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1, placement)
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
 
     def runs(states, run_keys, params, first_step, active, logged, data, test):
@@ -561,20 +617,22 @@ def _advance(states, run_keys, params, first_step, active, logged, data, test, *
         return _map_runs(one, per_run, params, states, run_keys)
 
     R, P = PartitionSpec("runs"), PartitionSpec()
-    return _sharded(runs, mesh, (R, R, R if per_run else P, P, P, P, PartitionSpec("data"), P))(
+    states, metrics, ok = _sharded(runs, mesh, (R, R, R if per_run else P, P, P, P, PartitionSpec("data"), P))(
         states, run_keys, params, first_step, active, logged, data, test)
+    return _place_state(states, placement, archive_memory), metrics, ok
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def _measure(states, params, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared, per_run):
+def _measure(states, params, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared, per_run, placement,
+             archive_memory):
     measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
     runs = lambda states, params, test: _map_runs(lambda p, s: measure(s, p, test), per_run, params, states)
     return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec(),
                                  PartitionSpec()))(states, params, test)
 
 
-@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run"))
-def _best(states, params, *, algorithm, mesh, per_run):
+@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run", "placement"))
+def _best(states, params, *, algorithm, mesh, per_run, placement):
     runs = lambda states, params: _map_runs(lambda p, s: algorithm.best(s, p)[0], per_run, params, states)
     return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec()))(
         states, params)

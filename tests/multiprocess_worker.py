@@ -75,7 +75,7 @@ def steps(directory):
 
 say(f"started, {len(jax.devices())} devices")
 info = {"devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
-        "mesh": [[d.process_index for d in row] for row in default_mesh(len(KEYS)).devices]}
+        "mesh": [[d.process_index for d in row] for row in default_mesh(len(KEYS)).devices[..., 0]]}
 arrays = {}
 if NPROC > 1:  # meshes that leave a process out: a clear error in every process, not a hang
     info["errors"] = {}
