@@ -5,13 +5,19 @@
 Every variant merges two float32 parent pytrees of --params parameters in --leaves
 leaves of mixed shapes on one device:
   split_point_slerp   m2n2_jax.split_point_slerp (leaf-wise, the library's merge): per
-                      leaf three float32 reductions (dot, |a|^2, |b|^2), then the merge
+                      leaf (dot, |a|^2, |b|^2) in one pass (`merge.leaf_reductions`:
+                      rows of r coordinates along the leaf's LAST dimension, r the
+                      largest divisor of it up to 128, one variadic `lax.reduce` over
+                      the rows, then `jnp.sum` of the row sums), then the merge
+  three_reductions    the previous library (before 9e1c9b5): per leaf three float32
+                      `jnp.vdot`s (dot, |a|^2, |b|^2), then the same merge
   one_pass            the same merge, the three reductions of a leaf as ONE variadic
                       `lax.reduce` (one loop over the leaf in the compiled program;
                       on XLA:CPU a sequential float32 sum: see its reduction error)
-  one_pass_blocked    one_pass on rows of 128 coordinates (one variadic reduce over
-                      each row, then the row sums reduced as the library does): the
-                      same single loop, with the sequential float32 sum cut to 128 terms
+  one_pass_blocked    one_pass on rows of 128 coordinates of the RAVELED leaf (one
+                      variadic reduce over each row, then `jnp.sum` of the row sums, the
+                      tail that fills no row by `jnp.vdot`): the same single loop, with
+                      the sequential float32 sum cut to 128 terms
   norms_known         the same merge given |a|^2 and |b|^2 (as if the archive stored
                       each model's squared norm): only the dot product is reduced
   elementwise         a * x + b * y over the same pytrees (the floor: read 2, write 1)
@@ -31,7 +37,8 @@ the resident set (their seconds per merge, kept in the JSON, then include mappin
 child anew, and are not the timing). XLA's own accounting of the compiled merge (arguments + outputs +
 temporaries, from `compiled.memory_analysis()`) is reported beside it. Each variant's
 child is checked against the library's (max |difference|), and the float32 reductions
-of the library, one_pass and one_pass_blocked against float64 (relative errors).
+of the library, three_reductions, one_pass and one_pass_blocked against float64
+(relative errors).
 
 Then the archive: XLA's accounting of one jitted M2N2 step (ask + tell, scores given,
 the state donated so the archive is updated in place) on an archive of 20 models of
@@ -60,7 +67,8 @@ if not __package__:  # run as a file: the child processes need the repository ro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository root: the child processes run there
-VARIANTS = ("split_point_slerp", "one_pass", "one_pass_blocked", "norms_known", "elementwise", "flat_ravel")
+VARIANTS = ("split_point_slerp", "three_reductions", "one_pass", "one_pass_blocked", "norms_known", "elementwise",
+            "flat_ravel")
 
 
 def rss() -> int:
@@ -142,7 +150,16 @@ def one_pass_blocked_reductions(a, b, row: int = 128):
 
 
 def library_reductions(a, b):
-    """What split_point_slerp reduces (per leaf float32 vdots, summed over leaves)."""
+    """What split_point_slerp reduces (`merge.leaf_reductions` per leaf, summed over leaves)."""
+    from m2n2_jax.merge import leaf_reductions
+
+    parts = [leaf_reductions(x, y) for x, y in zip(a.values(), b.values())]
+    return tuple(sum(p[i] for p in parts) for i in range(3))
+
+
+def three_vdot_reductions(a, b):
+    """What split_point_slerp reduced before 9e1c9b5 (per leaf three float32 vdots,
+    summed over leaves)."""
     import jax.numpy as jnp
 
     pairs = list(zip(a.values(), b.values()))
@@ -156,7 +173,8 @@ def dot_only_reductions(a, b, aa, bb):
     return sum(jnp.vdot(x, y) for x, y in zip(a.values(), b.values())), aa, bb
 
 
-REDUCTIONS = {"split_point_slerp": library_reductions, "one_pass": one_pass_reductions,
+REDUCTIONS = {"split_point_slerp": library_reductions, "three_reductions": three_vdot_reductions,
+              "one_pass": one_pass_reductions,
               "one_pass_blocked": one_pass_blocked_reductions}  # variants reducing (dot, |a|^2, |b|^2)
 
 
@@ -184,7 +202,7 @@ def build(variant: str, a, b, total: int):
     ratio, split = jnp.float32(0.3), jnp.int32(total // 3)
     if variant == "split_point_slerp":
         return jax.jit(mj.split_point_slerp), (a, b, ratio, split)
-    if variant in ("one_pass", "one_pass_blocked"):
+    if variant in ("three_reductions", "one_pass", "one_pass_blocked"):
         return jax.jit(merge_with(REDUCTIONS[variant])), (a, b, ratio, split)
     if variant == "norms_known":
         squared_norms = jax.jit(lambda t: sum(jnp.vdot(x, x) for x in t.values()))
