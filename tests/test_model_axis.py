@@ -207,3 +207,19 @@ def test_memory_plan_splits_the_archive_and_moves_it_to_the_host():
     assert archive <= one["argument_bytes"] < 1.02 * archive and one["host_bytes"] == 0
     assert two["argument_bytes"] < 0.53 * one["argument_bytes"]
     assert host["argument_bytes"] < 0.02 * archive and archive <= host["host_bytes"] < 1.02 * archive
+
+
+def test_an_archive_in_host_memory_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
+    algo = mj.M2N2(archive_size=6, mutation=False)
+    kw = dict(seed_models=[P.init_model(jax.random.key(i)) for i in range(3)], test_data=P.TEST, log_every=20,
+              progress=False, archive_memory="pinned_host", steps_per_call=40)
+    full = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 83, **kw)
+    part = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 83, checkpoint=mj.Checkpointing(str(tmp_path), every=40),
+                  time_limit=1e-9, **kw)
+    assert part.stopped_by_time_limit and part.passes[-1] == 43
+    resumed = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 83,
+                     checkpoint=mj.Checkpointing(str(tmp_path), every=40, resume=True), **kw)
+    assert resumed.state.models[0].kernel.sharding.memory_kind == "pinned_host"
+    for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(full.test_score, resumed.test_score)
