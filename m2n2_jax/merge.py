@@ -91,7 +91,8 @@ def slerp_coefficients(
     """Coefficients (c_a, c_b) of A and B for each ratio in `ratios`.
 
     The angle Omega is computed once from the whole pytrees, accumulating per-leaf
-    dot products and squared norms in float32 (`leaf_reductions`). Where sin(Omega)
+    dot products and squared norms in float32 (three `jnp.vdot`s per leaf: faster on
+    our CPU than one fused pass, docs/scale.md). Where sin(Omega)
     < eps, a parent is zero, or |cos(Omega)| > dot_threshold, the coefficients are the
     linear ones (1 - w, w). dot_threshold = 1 (default) is the paper's rule:
     near-antiparallel parents give coefficients up to ~1 / sin(Omega); mergekit uses 0.9995.
@@ -103,34 +104,14 @@ def slerp_coefficients(
     Returns:
       (c_a, c_b), float32 arrays of the shape of `ratios`.
     """
-    parts = [leaf_reductions(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    parts = [
+        (jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)),
+         jnp.vdot(x.astype(jnp.float32), x.astype(jnp.float32)),
+         jnp.vdot(y.astype(jnp.float32), y.astype(jnp.float32)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    ]
     dot, aa, bb = (sum(p[i] for p in parts) for i in range(3))
     return coefficients_from_reductions(dot, aa, bb, ratios, eps, dot_threshold)
-
-
-ROW = 128
-
-
-def leaf_reductions(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(<x, y>, |x|^2, |y|^2) of one leaf pair, float32 scalars, in one pass.
-
-    The leaf is cut into rows of r coordinates along its last dimension (r the
-    largest divisor of that dimension up to `ROW`); one variadic reduce gives each
-    row's three sums, reading x and y once (about 1.8x an elementwise merge for the
-    whole slerp, against 2.5x for three separate reductions: docs/scale.md), and the
-    row sums are then summed. The sequential float32 sum stays within a row, so the
-    result is as accurate as `jnp.vdot`. A leaf split over devices on another
-    dimension (the runner's "model" axis never splits the last one by default) keeps
-    its rows whole on one device; XLA then sums the row sums per device and across
-    devices, in another order than on one device (the last bit of the angle may differ).
-    """
-    last = x.shape[-1] if x.ndim else 1
-    r = max(d for d in range(1, min(ROW, max(last, 1)) + 1) if last % d == 0)
-    xs, ys = x.astype(jnp.float32).reshape(-1, r), y.astype(jnp.float32).reshape(-1, r)
-    add = lambda u, v: tuple(p + q for p, q in zip(u, v))
-    rows = jnp.stack(jax.lax.reduce((xs * ys, xs * xs, ys * ys), (jnp.float32(0),) * 3, add, (1,)))
-    dot, xx, yy = jnp.sum(rows, axis=1)
-    return dot, xx, yy
 
 
 def coefficients_from_reductions(dot, aa, bb, ratios, eps: float = 1e-6, dot_threshold: float = 1.0):

@@ -67,9 +67,10 @@ def model_specs(model, size: int):
     """The default rule: a leaf of rank >= 2 is split over "model" on its largest
     dimension, other than the last, that `size` divides (the first of equal ones);
     vectors, scalars and leaves with no such dimension are replicated (biases and
-    norms are small). Never the last dimension: the slerp reduces over rows of the
-    last one (`merge.leaf_reductions`), which then stay whole on one device. A pytree
-    of PartitionSpec over each leaf's own dimensions, like `model`."""
+    norms are small). Not the last dimension: in the (out, in) layout of Hugging Face
+    checkpoints that splits a layer's outputs and keeps its inputs whole, so a matmul
+    needs no sum of partial products across devices. A pytree of PartitionSpec over
+    each leaf's own dimensions, like `model`."""
 
     def spec(leaf):
         shape = tuple(np.shape(leaf))
