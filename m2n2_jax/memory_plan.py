@@ -75,13 +75,14 @@ def memory_plan(
     shardings = runner.state_shardings(states, placement, archive_memory)
     states = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), states, shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
-    on = lambda tree, s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree)
+    dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), dtype(x), sharding=s),
+                          params, placement.shardings(params))  # as run places them (a base model split)
     data_axis = mesh.shape["data"]
     points = jax.tree.map(lambda x: jax.ShapeDtypeStruct((-(-x.shape[0] // data_axis) * data_axis,) + x.shape[1:],
                                                          x.dtype, sharding=NamedSharding(mesh, PartitionSpec("data"))),
                           data)
     keys = jax.ShapeDtypeStruct((runs,), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec("runs")))
-    params = on(params, replicated)
     flags = jax.ShapeDtypeStruct((steps_per_call,), jnp.bool_, sharding=replicated)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     compiled = runner._advance.lower(
