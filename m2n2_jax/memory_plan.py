@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from m2n2_jax import runner
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checks import check_contract
-from m2n2_jax.sharding import MEMORY_KINDS, Placement, check_mesh
+from m2n2_jax.sharding import Placement, check_archive_memory, check_mesh
 
 
 def memory_plan(
@@ -58,8 +58,7 @@ def memory_plan(
        "output_bytes", "alias_bytes": outputs, and the part of them written in place
        of donated arguments}, each per device, ints.
     """
-    if archive_memory not in MEMORY_KINDS:
-        raise ValueError(f"archive_memory must be one of {MEMORY_KINDS}, got {archive_memory!r}")
+    check_archive_memory(archive_memory)
     mesh = check_mesh(Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("runs", "data", "model"))
                       if mesh is None else mesh)
     params = algorithm.default_params() if params is None else params

@@ -38,8 +38,8 @@ from m2n2_jax.checks import (
 )
 from m2n2_jax.scoring import evaluate, num_points
 from m2n2_jax.sharding import (
-    MEMORY_KINDS,
     Placement,
+    check_archive_memory,
     check_mesh,
     default_mesh,
     from_process_0,
@@ -202,8 +202,8 @@ def run(
         must hold devices of every process (the default takes the global `jax.devices()`).
       model_specs: a PartitionSpec per model leaf (a pytree like one model, naming
         "model" or None per dimension, e.g. from flax's partitioning annotations);
-        default `sharding.model_specs`: each leaf's largest dimension that the model
-        axis divides, leaves with none replicated.
+        default `sharding.model_specs`: a matrix's largest dimension but the last
+        that the model axis divides; vectors and leaves with none replicated.
       archive_memory: "device", or "pinned_host" to keep the archive's models in host
         memory (an `Archive` in the algorithm's state): each step brings the two
         parents to the device and writes the child back; results are unchanged.
@@ -235,8 +235,7 @@ def run(
             raise ValueError("test_data must have the same pytree structure as data")
     params, per_run = check_params(algorithm, algorithm.default_params() if params is None else params, num_runs)
     mesh = check_mesh(default_mesh(num_runs) if mesh is None else mesh)
-    if archive_memory not in MEMORY_KINDS:
-        raise ValueError(f"archive_memory must be one of {MEMORY_KINDS}, got {archive_memory!r}")
+    check_archive_memory(archive_memory)
     runs_axis, data_axis = mesh.shape["runs"], mesh.shape["data"]
     padded = jnp.concatenate([keys, jnp.repeat(keys[-1:], -num_runs % runs_axis, axis=0)])
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
@@ -326,7 +325,7 @@ def run(
         final = _measure(state, params, test_data, **statics)
         for k, v in final.items():
             logs[k][:, -1] = to_host(v)
-    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run, placement=placement)
+    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run)
     jax.block_until_ready(best_models)
     # With several processes, no process can read the sharded arrays: gather them.
     gather = to_host if jax.process_count() > 1 else (lambda x: x)
@@ -631,8 +630,8 @@ def _measure(states, params, test, *, algorithm, score_fn, metrics_fn, chunk_siz
                                  PartitionSpec()))(states, params, test)
 
 
-@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run", "placement"))
-def _best(states, params, *, algorithm, mesh, per_run, placement):
+@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run"))
+def _best(states, params, *, algorithm, mesh, per_run):
     runs = lambda states, params: _map_runs(lambda p, s: algorithm.best(s, p)[0], per_run, params, states)
     return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec()))(
         states, params)

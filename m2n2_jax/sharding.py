@@ -63,6 +63,12 @@ def check_mesh(mesh: Mesh) -> Mesh:
     return Mesh(devices, AXES)
 
 
+def check_archive_memory(kind: str) -> None:
+    """ValueError unless `kind` is one of MEMORY_KINDS (where an archive may live)."""
+    if kind not in MEMORY_KINDS:
+        raise ValueError(f"archive_memory must be one of {MEMORY_KINDS}, got {kind!r}")
+
+
 def model_specs(model, size: int):
     """The default rule: a leaf of rank >= 2 is split over "model" on its largest
     dimension, other than the last, that `size` divides (the first of equal ones);
@@ -107,8 +113,8 @@ class Placement:
         spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         if len(spec_leaves) != len(leaves) or not all(isinstance(s, PartitionSpec) for s in spec_leaves):
             raise ValueError(f"model_specs must be a PartitionSpec for each of the model's {len(leaves)} leaves")
-        for path, leaf, spec in zip(jax.tree_util.tree_flatten_with_path(model)[0], leaves, spec_leaves):
-            name = jax.tree_util.keystr(path[0])
+        for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(model)[0], spec_leaves):
+            name = jax.tree_util.keystr(path)
             if len(spec) > np.ndim(leaf) or any(a not in (None, "model") for a in spec):
                 raise ValueError(f"model_specs{name}: {spec} must name only 'model' (or None) over the "
                                  f"{np.ndim(leaf)} dimensions of the leaf")
