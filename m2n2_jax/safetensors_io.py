@@ -61,8 +61,8 @@ def _files(path: str) -> list[str]:
     return [os.path.join(path, s) for s in shards]
 
 
-def load(path: str, sep: str = "/") -> dict:
-    """A checkpoint file or directory of shards -> nested dict of NumPy arrays."""
+def load_flat(path: str) -> dict[str, np.ndarray]:
+    """{tensor name: host array} of a checkpoint file or directory of shards."""
     flat = {}
     for file in _files(path):
         with safe_open(file, framework="np") as f:
@@ -70,14 +70,24 @@ def load(path: str, sep: str = "/") -> dict:
                 if name in flat:
                     raise ValueError(f"tensor {name!r} appears in more than one shard of {path}")
                 flat[name] = f.get_tensor(name)
-    return unflatten(flat, sep)
+    return flat
+
+
+def load(path: str, sep: str = "/") -> dict:
+    """A checkpoint file or directory of shards -> nested dict of NumPy arrays."""
+    return unflatten(load_flat(path), sep)
 
 
 def save(params, path: str, sep: str = "/", max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:
     """Write `params` to `path`: one file if it ends in .safetensors, else a directory
     holding `model.safetensors`, or shards of at most `max_shard_bytes` (a tensor
     larger than that gets a shard of its own) and their index json."""
-    flat = {k: np.ascontiguousarray(v) for k, v in flatten(params, sep).items()}
+    save_flat(flatten(params, sep), path, max_shard_bytes, metadata)
+
+
+def save_flat(tensors: dict, path: str, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:
+    """`save` of {tensor name: array} as named."""
+    flat = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": "np", **(metadata or {})}
     if path.endswith(".safetensors"):
         save_file(flat, path, metadata=metadata)

