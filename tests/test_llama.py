@@ -189,3 +189,22 @@ def test_smollm2_greedy_equals_transformers(smollm2):
     tokens, mask = llama_decode.left_pad([chat], pad_id=2, length=len(chat) + 3)
     out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 16, [2], 2)
     np.testing.assert_array_equal(np.asarray(out)[0], REF["smollm2/chat_greedy"])
+
+
+def test_exact_match_scores_whole_answers(tiny):
+    """1 where the generation equals the answer, its stop token and padding; 0 for a
+    wrong token, a missing stop, or an answer that continues past the stop."""
+    case, config, params = tiny
+    reference = REF[f"{case}/greedy"]
+    stop = int(reference[0, 2])
+    answers = []
+    for seq in reference[:, :6].tolist():
+        end = seq.index(stop) + 1 if stop in seq else len(seq)
+        answers.append(seq[:end])
+    prompts, mask, expected = llama_decode.answer_batch(_prompts(case), answers, pad_id=99)
+    score = llama_decode.exact_match_scores(llama.Llama(config), [stop], 99)
+    np.testing.assert_array_equal(np.asarray(score(params, (prompts, mask, expected))), 1.0)
+    wrong = expected.copy()
+    wrong[1, 0] = (wrong[1, 0] + 1) % config.vocab_size
+    wrong[0, -1] = 98  # row 0: its padding changed
+    np.testing.assert_array_equal(np.asarray(score(params, (prompts, mask, wrong))), [0.0, 0.0, 1.0])

@@ -81,3 +81,29 @@ def strip(tokens: np.ndarray, stop_tokens: Sequence[int]) -> list[list[int]]:
         ends = [i for i, t in enumerate(row) if t in set(stop_tokens)]
         rows.append(row[:ends[0]] if ends else row)
     return rows
+
+
+def answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
+                 prompt_length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompts (M, P), mask (M, P), expected (M, N)) for `exact_match_scores`: the
+    prompts left-padded, each answer's ids (its stop token last) right-padded with
+    `pad_id` to the longest answer, N."""
+    tokens, mask = left_pad(prompts, pad_id, prompt_length)
+    expected = np.full((len(answers), max(len(a) for a in answers)), pad_id, np.int32)
+    for row, answer in enumerate(answers):
+        expected[row, :len(answer)] = answer
+    return tokens, mask, expected
+
+
+def exact_match_scores(model: Llama, stop_tokens: Sequence[int], pad_id: int):
+    """score_fn(params, (prompts, mask, expected)) -> (M,) float32 for `m2n2_jax.run`:
+    1.0 where the greedy generation of N = expected.shape[1] tokens equals the answer
+    (`answer_batch`: its stop token, then padding), else 0.0."""
+    stops = tuple(int(t) for t in stop_tokens)
+
+    def score_fn(params, batch):
+        prompts, mask, expected = batch
+        out = greedy(model, params, prompts, mask, expected.shape[1], stops, pad_id)
+        return jnp.all(out == expected, axis=-1).astype(jnp.float32)
+
+    return score_fn

@@ -89,7 +89,7 @@ def from_hf_tensors(config: LlamaConfig, tensors: dict, dtype=None) -> dict:
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"tensor {name}: shape {tuple(tensors[name].shape)}, config says {shape}")
-    cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(dtype))
+    cast = (lambda x: x) if dtype is None else (lambda x: np.asarray(x).astype(dtype))
     params = {"embed_tokens": cast(tensors["model.embed_tokens.weight"]),
               "norm": {"weight": cast(tensors["model.norm.weight"])}}
     if not config.tie_word_embeddings:

@@ -1,0 +1,136 @@
+"""experiments/llm_real.py: its command lines and JSON fields are a contract.
+
+A tiny random Llama with SmolLM2's vocabulary stands in for the 135M model (the
+protocol's code paths are the same; the real run is an experiment): specialists are
+trained for 2 steps, then every method runs on a few questions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import llm_real
+import llm_real_data
+import llm_real_protocol
+import llm_real_train
+import numpy as np
+import pytest
+
+from m2n2_jax.tasks import llama, llama_load, lora
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    config = llama.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, rope_theta=1e5,
+                               tie_word_embeddings=True)
+    model = llama.Llama(config)
+    return model, llama.init(model, jax.random.key(0)), llama_load.load_tokenizer(llama_load.smollm2_gguf())
+
+
+def test_protocol_writes_the_json_contract(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
+    folder = str(tmp_path / "specialists")
+    for skill in llm_real_data.SKILLS:
+        llm_real.main(["train", "--skill", skill, "--steps", "2", "--batch", "4", "--eval-questions", "3",
+                       "--out", folder])
+        log = json.loads((tmp_path / "specialists" / f"{skill}_train.json").read_text())
+        assert len(log["losses"]) == 2 and set(log["fitness_accuracy"]) == {"base", "specialist"}
+    argv = ["--runs", "2", "--forward-passes", "11", "--population", "3", "--warmup", "2", "--archive-size", "4",
+            "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5", "--no-progress",
+            "--specialists", folder, "--out", str(tmp_path / "out")]
+    record = llm_real.main(argv)
+    on_disk = json.loads((tmp_path / "out" / "llm_real.json").read_text())
+    assert on_disk["test_skill_mean"] == json.loads(json.dumps(record["test_skill_mean"]))
+    methods = list(llm_real_protocol.METHODS)
+    assert list(record["test_skill_mean"]) == ["base", "specialist-a", "specialist-b", *methods]
+    for name, entry in record["test_skill_mean"].items():
+        assert set(entry) == {"mean", "stderr", "runs"}
+        assert len(entry["runs"]) == (1 if name in ("base", "specialist-a", "specialist-b", "task_arithmetic")
+                                      else 2)
+        per_skill = [record["test_score"][name][s]["runs"] for s in llm_real_data.SKILLS]
+        np.testing.assert_allclose(entry["runs"], np.mean(per_skill, axis=0))
+        assert entry["mean"] == pytest.approx(np.mean(entry["runs"]))
+        assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for s in per_skill for v in s)  # 4 test questions per skill
+    assert record["seconds_per_evaluation"] > 0 and record["evaluations"] == 5 * 2 * 11
+    assert record["curves"]["m2n2"][0]["forward_passes"][-1] == 11
+    assert (tmp_path / "out" / "llm_real.png").stat().st_size > 1000
+    # a rerun resumes every finished run from the partial file instead of running it again
+    monkeypatch.setattr(llm_real_protocol.mj, "run", lambda *a, **k: pytest.fail("ran again"))
+    again = llm_real.main(argv)
+    assert again["test_skill_mean"] == record["test_skill_mean"]
+
+
+def test_protocol_refuses_bad_command_lines(capsys):
+    for argv, message in [(["--methods", "m2n2", "nope"], "unknown"), (["--forward-passes", "5"], ">= 2 seeds"),
+                          (["--runs", "0"], "--runs must be > 0")]:
+        with pytest.raises(SystemExit):
+            llm_real.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_nll_prints_one_line(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The library opens at 9 o'clock.")
+    value = llm_real.main(["nll", str(text), "--window", "4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"nll_per_token {value:.6f}"] and 0 < value < 20
+
+
+def test_questions_are_disjoint_and_reproducible():
+    fit = llm_real_data.questions("arithmetic", "fitness", None, 0)
+    test = llm_real_data.questions("arithmetic", "test", None, 0)
+    tune = llm_real_data.questions("arithmetic", "finetune", None, 0)
+    assert not {q for q, _ in fit} & {q for q, _ in test} and not {q for q, _ in tune} & {q for q, _ in fit + test}
+    for q, a in fit[:50]:
+        assert int(eval(q.split(": ")[1].replace("/", "//"))) == int(a)  # the calculator steps are right
+    assert llm_real_data.questions("reversal", "test", 5, 3) == llm_real_data.questions("reversal", "test", 5, 3)
+    q, a = llm_real_data.questions("reversal", "test", 1, 3)[0]
+    assert q.split(": ")[1].split()[::-1] == a.split()
+
+
+def test_sequences_mask_the_answer_only():
+    tokens, mask = llm_real_train.sequences([[5, 6, 7], [8]], [[1, 2], [3, 4, 2]], 6, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[5, 6, 7, 1, 2, 0], [8, 3, 4, 2, 0, 0]])
+    # position i predicts token i + 1: the answer's tokens are predicted from positions 2, 3 and 0, 1, 2
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+
+def test_lora_merge_adds_the_low_rank_delta(tiny_base):
+    _, params, _ = tiny_base
+    adapters = lora.init(jax.random.key(1), params, 3, llm_real_train.is_target)
+    assert len(adapters) == 2 * 7
+    adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B = 0 at init: make the delta nonzero
+    merged = lora.merge(params, adapters, 6.0)
+    name = "params/layers_1/mlp/up_proj/weight"
+    a, b = np.asarray(adapters[name]["a"]), np.asarray(adapters[name]["b"])
+    expected = np.asarray(params["params"]["layers_1"]["mlp"]["up_proj"]["weight"]) + 2.0 * b @ a
+    np.testing.assert_allclose(merged["params"]["layers_1"]["mlp"]["up_proj"]["weight"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(merged["params"]["embed_tokens"], params["params"]["embed_tokens"])
+    with pytest.raises(ValueError, match="name no leaf"):
+        lora.merge(params, {**adapters, "params/nope/weight": adapters[name]}, 6.0)
+    assert jnp.all(lora.merge(params, lora.init(jax.random.key(2), params, 2, llm_real_train.is_target), 4.0)
+                   ["params"]["layers_0"]["self_attn"]["q_proj"]["weight"]
+                   == params["params"]["layers_0"]["self_attn"]["q_proj"]["weight"])
+
+
+def test_merge_plans_and_runs_two_checkpoints_on_gsm8k(tiny_base, tmp_path):
+    model, params, tokenizer = tiny_base
+    dirs = []
+    for i in (1, 2):
+        noisy = jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(i), x.shape), params)
+        llama_load.save_hf(model.config, noisy, str(tmp_path / f"m{i}"))
+        tokenizer.save(str(tmp_path / f"m{i}" / "tokenizer.json"))
+        dirs.append(str(tmp_path / f"m{i}"))
+    small = ["--fitness-problems", "4", "--prompt-length", "200", "--max-new-tokens", "3", "--chunk-size", "2",
+             "--dtype", "float32", "--archive-size", "3", "--warmup", "1"]
+    plan = llm_real.main(["merge", "--model-a", dirs[0], "--plan", *small])
+    assert plan["parameters"] == sum(x.size for x in jax.tree.leaves(params))
+    assert plan["argument_bytes"] > 3 * 4 * plan["parameters"]  # at least the archive of 3 float32 models
+    record = llm_real.main(["merge", "--model-a", dirs[0], "--model-b", dirs[1], "--prompt", "chatml",
+                            "--forward-passes", "4", "--test-problems", "3", "--out", str(tmp_path / "out"), *small])
+    on_disk = json.loads((tmp_path / "out" / "gsm8k_merge.json").read_text())
+    assert on_disk["test_accuracy"] == record["test_accuracy"] and len(record["test_accuracy"]["m2n2"]) == 1
+    assert record["fitness_curve"]["forward_passes"][-1] == 4
