@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test pythons experiments lm diffusion bench mnist smollm2 clean
+.PHONY: run test pythons experiments lm llm-real diffusion bench mnist smollm2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -95,6 +95,13 @@ experiments: $(STAMP)
 # training both pairs first took about 19 min more).
 lm: $(STAMP)
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills
+
+# SmolLM2-135M-Instruct's two LoRA specialists merged by the paper's protocol, then the base
+# model on 100 GSM8K test problems (docs/llm_real.md; the specialists are committed, so nothing
+# is retrained; about 50 + 10 min on 2 CPU cores).
+llm-real: $(SMOLLM2)
+	$(BIN)/python experiments/llm_real.py --runs 2 --forward-passes 50 --out experiments/results/llm_real
+	$(BIN)/python experiments/llm_real.py gsm8k --problems 100
 
 # The bilingual diffusion merge in miniature (about 7 min on 2 CPU cores, training included).
 diffusion: $(STAMP)

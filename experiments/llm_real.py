@@ -235,7 +235,7 @@ class Spec:
     std_init: float = flag(0.2, "CMA-ES initial step size over the slerp ratios", POSITIVE)
     magnitude_std: float = flag(0.05, "m2n2-task-vectors: std of the log of each unit's magnitude", NON_NEGATIVE)
     fitness_questions: int = flag(24, "fitness questions per skill (GSM8K training problems 0..1,318)", POSITIVE)
-    test_questions: int = flag(150, "test questions per skill (GSM8K test problems)", POSITIVE)
+    test_questions: int = flag(120, "test questions per skill (GSM8K test problems)", POSITIVE)
     log_every: int = flag(10, "log the fitness curve every this many evaluations", POSITIVE)
     data_seed: int = flag(0, "seed of the questions", NON_NEGATIVE)
     specialists: str = flag(SPECIALISTS, "folder of the specialists' adapters", result=False)

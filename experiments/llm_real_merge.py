@@ -12,7 +12,8 @@ as in the paper's LLM experiment: archive 15, whole parameter vectors, no mutati
 `--warmup` random merges first.
 
 `--plan` loads no weight: it reads A_DIR/config.json, compiles one step of the run
-from abstract shapes on the mesh (`mj.memory_plan`) and prints the per-device memory,
+from abstract shapes on the mesh (`mj.memory_plan`), prints the per-device memory and
+writes it to OUT/plan.json,
 so a user sees whether the run fits before loading 2 x 13 GB. Planning for 8 GPUs
 on a CPU needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
@@ -111,6 +112,9 @@ def main(argv) -> dict:
         print(f"per device: arguments {plan['argument_bytes'] / GIB:.2f} GiB, temporaries "
               f"{plan['temp_bytes'] / GIB:.2f} GiB, host {plan['host_bytes'] / GIB:.2f} GiB "
               f"({record['parameters']:,} parameters, archive {args.archive_size}, {args.dtype}, mesh {args.mesh})")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "plan.json"), "w") as f:
+            json.dump(record, f, indent=1)
         return record
 
     tokenizer = llama_load.load_tokenizer(args.model_a)

@@ -126,7 +126,8 @@ def test_merge_plans_and_runs_two_checkpoints_on_gsm8k(tiny_base, tmp_path):
         dirs.append(str(tmp_path / f"m{i}"))
     small = ["--fitness-problems", "4", "--prompt-length", "200", "--max-new-tokens", "3", "--chunk-size", "2",
              "--dtype", "float32", "--archive-size", "3", "--warmup", "1"]
-    plan = llm_real.main(["merge", "--model-a", dirs[0], "--plan", *small])
+    plan = llm_real.main(["merge", "--model-a", dirs[0], "--plan", "--out", str(tmp_path / "plan"), *small])
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["temp_bytes"] == plan["temp_bytes"]
     assert plan["parameters"] == sum(x.size for x in jax.tree.leaves(params))
     assert plan["argument_bytes"] > 3 * 4 * plan["parameters"]  # at least the archive of 3 float32 models
     record = llm_real.main(["merge", "--model-a", dirs[0], "--model-b", dirs[1], "--prompt", "chatml",
