@@ -100,7 +100,7 @@ lm: $(STAMP)
 # model on 100 GSM8K test problems (docs/llm_real.md; the specialists are committed, so nothing
 # is retrained; about 50 + 10 min on 2 CPU cores).
 llm-real: $(SMOLLM2)
-	$(BIN)/python experiments/llm_real.py --runs 2 --forward-passes 50 --out experiments/results/llm_real
+	$(BIN)/python experiments/llm_real.py --runs 2 --forward-passes 50 --archive-size 6 --warmup 4 --out experiments/results/llm_real
 	$(BIN)/python experiments/llm_real.py gsm8k --problems 100
 
 # The bilingual diffusion merge in miniature (about 7 min on 2 CPU cores, training included).
