@@ -28,6 +28,7 @@ of the skills on the fitness questions. Finished runs are kept in
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -162,6 +163,10 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                            "evaluations": int(result.passes[-1])})
                 del result, chosen
             log(f"{name} run {r}: test {done[key]['test']}, {done[key]['evolution_seconds']:.0f} s")
+        # Each method compiles its own programs; without this, host memory grew by about
+        # 2 GB a method here until the 24 GB ran out (docs/llm_real.md).
+        jax.clear_caches()
+        gc.collect()
 
     per_run = {s: [done[s]["test"]] for s in SEEDS}
     for name in spec.methods:
