@@ -167,11 +167,12 @@ def gsm8k_eval(argv) -> dict:
     items = llm_real_data.problems(args.split)[:args.problems]
     stops = stop_ids(tokenizer)
     decode = jax.jit(lambda p, t, m: llama_decode.greedy(model, p, t, m, args.max_new_tokens, stops, stops[0]))
+    prompts = [tokenizer.encode(gsm8k_prompt(args.prompt, item["question"])).ids for item in items]
+    width = max(len(p) for p in prompts)  # one prompt width for every batch: one compiled decoder
     rows, t0 = [], time.perf_counter()
     for start in range(0, len(items), args.batch):
-        chunk = items[start:start + args.batch]
-        ids = [tokenizer.encode(gsm8k_prompt(args.prompt, item["question"])).ids for item in chunk]
-        tokens, mask = llama_decode.left_pad(ids + [ids[-1]] * (args.batch - len(ids)), stops[0])
+        chunk, ids = items[start:start + args.batch], prompts[start:start + args.batch]
+        tokens, mask = llama_decode.left_pad(ids + [ids[-1]] * (args.batch - len(ids)), stops[0], width)
         out = llama_decode.strip(np.asarray(decode(params, tokens, mask))[:len(chunk)], stops)
         for item, generated in zip(chunk, out):
             text = tokenizer.decode(generated)

@@ -156,9 +156,14 @@ def _gguf_reader(path: str):
     return gguf, gguf.GGUFReader(path)
 
 
+def _field(reader, key: str, default=None):
+    """A GGUF metadata value, or `default` when the file lacks the key."""
+    return reader.fields[key].contents() if key in reader.fields else default
+
+
 def gguf_config(reader) -> LlamaConfig:
     """The LlamaConfig of a GGUF file's metadata (architecture "llama" only)."""
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    field = lambda key, default=None: _field(reader, key, default)
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r}: only 'llama' loads")
@@ -215,7 +220,7 @@ def gguf_tokenizer(path: str):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     _, reader = _gguf_reader(path)
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    field = lambda key, default=None: _field(reader, key, default)
     if field("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"GGUF tokenizer {field('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') is built")
     tokens = field("tokenizer.ggml.tokens")
