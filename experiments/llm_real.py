@@ -229,10 +229,9 @@ class Spec:
     methods: tuple[str, ...] = flag(("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp",
                                      "task_arithmetic", "m2n2-task-vectors"), "methods to run (default: all)",
                                     nargs="+")
-    archive_size: int = flag(6, "M2N2 archive size (paper: 15; 15 float32 135M models ran out of 24 GB here: "
-                                "docs/llm_real.md)", AT_LEAST_2)
-    warmup: int = flag(4, "M2N2's first children merged from random archive members, filling the archive "
-                          "(paper: at most 50)", NON_NEGATIVE)
+    archive_size: int = flag(15, "M2N2 archive size (the paper's)", AT_LEAST_2)
+    warmup: int = flag(13, "M2N2's first children merged from random archive members, filling the archive "
+                           "(paper: at most 50)", NON_NEGATIVE)
     population: int = flag(8, "CMA-ES population (paper: 25, for 1,000 evaluations)", AT_LEAST_2)
     std_init: float = flag(0.2, "CMA-ES initial step size over the slerp ratios", POSITIVE)
     magnitude_std: float = flag(0.05, "m2n2-task-vectors: std of the log of each unit's magnitude", NON_NEGATIVE)

@@ -28,6 +28,7 @@ of the skills on the fitness questions. Finished runs are kept in
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -62,6 +63,17 @@ def llama_unit(path: str) -> str:
     if top in ("norm", "lm_head"):
         return "head"
     raise ValueError(f"leaf {path!r} belongs to no unit (embedding, layers_NN, head)")
+
+
+def release_host_memory() -> None:
+    """Drop the method's compiled programs and give the freed heap back to the system:
+    glibc keeps it, and 9.7 GB stayed resident after one method here (docs/llm_real.md)."""
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def batches(tokenizer, count: int, source: str, seed: int) -> tuple[tuple, np.ndarray]:
@@ -163,10 +175,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                            "evaluations": int(result.passes[-1])})
                 del result, chosen
             log(f"{name} run {r}: test {done[key]['test']}, {done[key]['evolution_seconds']:.0f} s")
-        # Each method compiles its own programs; without this, host memory grew by about
-        # 2 GB a method here until the 24 GB ran out (docs/llm_real.md).
-        jax.clear_caches()
-        gc.collect()
+        release_host_memory()
 
     per_run = {s: [done[s]["test"]] for s in SEEDS}
     for name in spec.methods:

@@ -111,7 +111,18 @@ def slerp_coefficients(
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     ]
     dot, aa, bb = (sum(p[i] for p in parts) for i in range(3))
-    return coefficients_from_reductions(dot, aa, bb, ratios, eps, dot_threshold)
+    return once(lambda dot, aa, bb: coefficients_from_reductions(dot, aa, bb, ratios, eps, dot_threshold), dot, aa, bb)
+
+
+def once(fn, *scalars):
+    """fn(*scalars), computed once rather than inside each consumer's fusion.
+
+    XLA:CPU copies a cheap scalar producer into every fusion that reads it: the L-term
+    sums of a model's L leaves, read by each of its L leaves' merges, became L copies
+    of the chain, O(L^2) to compile (a 272-leaf slerp: 33 s and 1.3 GB instead of
+    1.3 s, docs/llm_real.md). A conditional is a boundary that fusion does not cross;
+    both branches are `fn`, so the result is fn's whatever the predicate."""
+    return jax.lax.cond(jnp.isnan(scalars[0]).any(), fn, fn, *scalars)
 
 
 def coefficients_from_reductions(dot, aa, bb, ratios, eps: float = 1e-6, dot_threshold: float = 1.0):

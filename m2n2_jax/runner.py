@@ -243,8 +243,10 @@ def run(
         params = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], -num_runs % runs_axis, axis=0)]), params)
 
     seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys)
+    # Shapes only from here: a model's copy held through the run is memory the steps need.
+    one_run_seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), one_run_seeds)
     num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
-    template = jax.tree.map(lambda x: x[0], one_run_seeds)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_run_seeds)
     _check_score_fn(score_fn, template, data, m)
     state_shape = check_contract(algorithm, one_run_seeds, m,
                                  jax.tree.map(lambda x: x[0], params) if per_run else params)

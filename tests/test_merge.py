@@ -226,3 +226,20 @@ def test_path_prefix_groups_a_flax_transformer_by_layer():
     # embed, embed_pos, layer_0 (12 leaves), layer_1 (12), ln_out (2), out (2)
     assert groups == (0, 1) + (2,) * 12 + (3,) * 12 + (4, 4, 5, 5)
     assert PathPrefix(2) == PathPrefix(2) and hash(PathPrefix(2)) == hash(PathPrefix(2)) != hash(PathPrefix(3))
+
+
+@pytest.mark.parametrize("merge", ["slerp", "split_point_slerp"])
+def test_compiled_merge_grows_linearly_with_the_number_of_leaves(merge):
+    """The angle's sums over all L leaves are computed once, not copied into each
+    leaf's fusion (L^2 operations: a 272-leaf model took 115 s and 8 GB to compile)."""
+
+    def operations(num_leaves: int) -> int:
+        model = {f"w{i:03d}": jax.ShapeDtypeStruct((8, 8), jnp.float32) for i in range(num_leaves)}
+        fn = {"slerp": lambda k, a, b: slerp(a, b, 0.3),
+              "split_point_slerp": lambda k, a, b: split_point_slerp(
+                  a, b, 0.3, jax.random.randint(k, (), 0, num_params(a)))}[merge]
+        text = jax.jit(fn).lower(jax.random.key(0), model, model).compile().as_text()
+        return sum(line.lstrip().startswith("%") for line in text.splitlines())
+
+    small, large = operations(16), operations(128)
+    assert large < 12 * small, (small, large)  # 8x the leaves: about 8x the operations; L^2 would be 64x
