@@ -111,18 +111,32 @@ def slerp_coefficients(
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     ]
     dot, aa, bb = (sum(p[i] for p in parts) for i in range(3))
-    return once(lambda dot, aa, bb: coefficients_from_reductions(dot, aa, bb, ratios, eps, dot_threshold), dot, aa, bb)
+    return once(coefficients_from_reductions, dot, aa, bb, jnp.asarray(ratios, jnp.float32),
+                jnp.asarray(eps, jnp.float32), jnp.asarray(dot_threshold, jnp.float32))
 
 
-def once(fn, *scalars):
-    """fn(*scalars), computed once rather than inside each consumer's fusion.
+def once(fn, *arrays):
+    """fn(*arrays), computed once rather than inside each consumer's fusion (every
+    value fn reads is an argument: custom_vmap needs it so).
 
     XLA:CPU copies a cheap scalar producer into every fusion that reads it: the L-term
     sums of a model's L leaves, read by each of its L leaves' merges, became L copies
     of the chain, O(L^2) to compile (a 272-leaf slerp: 33 s and 1.3 GB instead of
     1.3 s, docs/llm_real.md). A conditional is a boundary that fusion does not cross;
-    both branches are `fn`, so the result is fn's whatever the predicate."""
-    return jax.lax.cond(jnp.isnan(scalars[0]).any(), fn, fn, *scalars)
+    both branches are `fn`, so the result is fn's whatever the predicate. Under vmap
+    the predicate stays one scalar (a batched one would turn the conditional into a
+    select of both branches, and the copies would return)."""
+
+    @jax.custom_batching.custom_vmap
+    def boundary(*arrays):
+        return jax.lax.cond(jnp.isnan(arrays[0]).any(), fn, fn, *arrays)
+
+    @boundary.def_vmap
+    def batched(axis_size, in_batched, *arrays):
+        out = once(jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched)), *arrays)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return boundary(*arrays)
 
 
 def coefficients_from_reductions(dot, aa, bb, ratios, eps: float = 1e-6, dot_threshold: float = 1.0):
