@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -287,6 +288,68 @@ def protocol(argv) -> dict:
     return record
 
 
+def paths(argv) -> dict:
+    """The two specialists merged along fixed paths, each model scored on the fitness
+    and the test questions: what the protocol's methods could reach, without search."""
+    import harness
+    import llm_real_data
+    import llm_real_protocol
+    import lm_protocol
+
+    from m2n2_jax import merge_ops
+    from m2n2_jax.merge import leaf_groups, slerp, split_point_slerp
+
+    parser = argparse.ArgumentParser(prog="llm_real.py paths", description=paths.__doc__.split("\n")[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5, 0.65, 0.8],
+                        help="slerp ratios w (the share of specialist-b)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2],
+                        help="task arithmetic scales: base + s (tau_a + tau_b)")
+    parser.add_argument("--layer-splits", type=int, nargs="+", default=[10, 20],
+                        help="k: the embedding and layers below k of one specialist, the rest of the other")
+    parser.add_argument("--fitness-questions", type=int, default=24)
+    parser.add_argument("--test-questions", type=int, default=120)
+    parser.add_argument("--specialists", default=SPECIALISTS)
+    parser.add_argument("--out", default="experiments/results/llm_real/paths.json")
+    args = parser.parse_args(argv)
+    if any(not 0 <= w <= 1 for w in args.ratios):
+        parser.error(f"--ratios must lie in [0, 1], got {args.ratios}")
+    model, params, tokenizer = base_model()
+    models = specialists(params, args.specialists)
+    a, b = models["specialist-a"], models["specialist-b"]
+    units = leaf_groups(a, llm_real_protocol.llama_unit)  # embedding 0, layers_NN NN + 1, head 31
+    if any(not 0 < k < max(units) - 1 for k in args.layer_splits):
+        parser.error(f"--layer-splits must lie in 1 .. {max(units) - 2}, got {args.layer_splits}")
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(a)]
+    before = lambda k: sum(n for n, u in zip(sizes, units) if u <= k)  # flat index where layers_k starts
+    candidates = {f"slerp w={w}": lambda w=w: slerp(a, b, w) for w in args.ratios}
+    candidates |= {f"task arithmetic s={s}": lambda s=s: merge_ops.task_arithmetic(params, [a, b], [1.0, 1.0], scale=s)
+                   for s in args.scales}
+    for k in args.layer_splits:
+        candidates[f"a below layer {k}, b above"] = lambda k=k: split_point_slerp(a, b, 0.0, before(k))
+        candidates[f"b below layer {k}, a above"] = lambda k=k: split_point_slerp(a, b, 1.0, before(k))
+    score = jax.jit(llama_decode.exact_match_scores(model, [STOP], PAD))
+    sets = {name: llm_real_protocol.batches(tokenizer, count, name, 0)
+            for name, count in (("fitness", args.fitness_questions), ("test", args.test_questions))}
+    weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}
+    rows, t0 = {}, time.perf_counter()
+    for name, make in {"specialist-a": lambda: a, "specialist-b": lambda: b, **candidates}.items():
+        merged = make()
+        row = {}
+        for split, (batch, _) in sets.items():
+            per_skill = np.asarray(score(merged, batch)) @ weights[split]
+            row[split] = dict(zip(llm_real_data.SKILLS, per_skill.tolist()), mean=float(per_skill.mean()))
+        rows[name] = row
+        print(f"{name:<28} fitness {100 * row['fitness']['mean']:5.1f}  test {100 * row['test']['mean']:5.1f}  "
+              f"({' '.join(f'{k} {100 * v:.1f}' for k, v in row['test'].items() if k != 'mean')})", flush=True)
+    machine = harness.machine()
+    record = {"experiment": "llm_real paths", "rows": rows, "skills": list(llm_real_data.SKILLS),
+              "fitness_questions_per_skill": args.fitness_questions, "test_questions_per_skill": args.test_questions,
+              "seconds": time.perf_counter() - t0, "command": "python experiments/llm_real.py paths " + " ".join(argv),
+              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+    harness.write_json(args.out, record)
+    return record
+
+
 def merge(argv) -> dict:
     import llm_real_merge
 
@@ -295,7 +358,7 @@ def merge(argv) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"nll": nll, "train": train, "gsm8k": gsm8k_eval, "merge": merge}
+    commands = {"nll": nll, "train": train, "gsm8k": gsm8k_eval, "merge": merge, "paths": paths}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return protocol(argv)

@@ -30,13 +30,23 @@ def tiny_base():
     return model, llama.init(model, jax.random.key(0)), llama_load.load_tokenizer(llama_load.smollm2_gguf())
 
 
-def test_protocol_writes_the_json_contract(tiny_base, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_specialists(tiny_base, tmp_path_factory):
+    """A folder with both skills' adapters, trained 2 steps on the tiny base."""
+    folder = tmp_path_factory.mktemp("specialists")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_real, "base_model", lambda: tiny_base)
+        for skill in llm_real_data.SKILLS:
+            llm_real.main(["train", "--skill", skill, "--steps", "2", "--batch", "4", "--eval-questions", "3",
+                           "--out", str(folder)])
+    return folder
+
+
+def test_protocol_writes_the_json_contract(tiny_base, tiny_specialists, tmp_path, monkeypatch):
     monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
-    folder = str(tmp_path / "specialists")
+    folder = str(tiny_specialists)
     for skill in llm_real_data.SKILLS:
-        llm_real.main(["train", "--skill", skill, "--steps", "2", "--batch", "4", "--eval-questions", "3",
-                       "--out", folder])
-        log = json.loads((tmp_path / "specialists" / f"{skill}_train.json").read_text())
+        log = json.loads((tiny_specialists / f"{skill}_train.json").read_text())
         assert len(log["losses"]) == 2 and set(log["fitness_accuracy"]) == {"base", "specialist"}
     argv = ["--runs", "2", "--forward-passes", "11", "--population", "3", "--warmup", "2", "--archive-size", "4",
             "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5", "--no-progress",
@@ -61,6 +71,31 @@ def test_protocol_writes_the_json_contract(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setattr(llm_real_protocol.mj, "run", lambda *a, **k: pytest.fail("ran again"))
     again = llm_real.main(argv)
     assert again["test_skill_mean"] == record["test_skill_mean"]
+
+
+def test_paths_scores_the_ends_of_each_path_as_the_specialists(tiny_base, tiny_specialists, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
+    # a score that tells the models apart (the tiny specialists answer nothing right)
+    probe = lambda p: (1e3 * sum(x.sum() for x in jax.tree.leaves(p))) % 1.0
+    monkeypatch.setattr(llm_real.llama_decode, "exact_match_scores",
+                        lambda *a: lambda params, batch: jnp.full(batch[0].shape[0], probe(params)))
+    out = tmp_path / "paths.json"
+    record = llm_real.main(["paths", "--ratios", "0", "0.5", "1", "--scales", "0", "1", "--layer-splits", "1",
+                            "--fitness-questions", "3", "--test-questions", "4", "--specialists",
+                            str(tiny_specialists), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(record["rows"]))
+    assert list(rows) == ["specialist-a", "specialist-b", "slerp w=0.0", "slerp w=0.5", "slerp w=1.0",
+                          "task arithmetic s=0.0", "task arithmetic s=1.0", "a below layer 1, b above",
+                          "b below layer 1, a above"]
+    assert rows["specialist-a"] != rows["specialist-b"]
+    assert rows["slerp w=0.0"] == rows["specialist-a"] and rows["slerp w=1.0"] == rows["specialist-b"]
+    assert rows["a below layer 1, b above"] != rows["b below layer 1, a above"]
+    for row in rows.values():
+        for split in ("fitness", "test"):
+            assert row[split]["mean"] == pytest.approx(np.mean([row[split][s] for s in llm_real_data.SKILLS]))
+    with pytest.raises(SystemExit):
+        llm_real.main(["paths", "--layer-splits", "2", "--specialists", str(tiny_specialists)])
 
 
 def test_protocol_refuses_bad_command_lines(capsys):
