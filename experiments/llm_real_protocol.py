@@ -65,10 +65,12 @@ def llama_unit(path: str) -> str:
     raise ValueError(f"leaf {path!r} belongs to no unit (embedding, layers_NN, head)")
 
 
-def release_host_memory() -> None:
-    """Drop the method's compiled programs and give the freed heap back to the system:
-    glibc keeps it, and 9.7 GB stayed resident after one method here (docs/llm_real.md)."""
-    jax.clear_caches()
+def release_host_memory(programs: bool = False) -> None:
+    """Give the freed heap back to the system, and with `programs` drop the compiled
+    programs too (after a method): glibc keeps freed memory, 9.7 GB stayed resident
+    after one run here, and the next run's peak came on top (docs/llm_real.md)."""
+    if programs:
+        jax.clear_caches()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -174,8 +176,9 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                            "evolution_seconds": result.wall_seconds, "seconds": time.perf_counter() - t,
                            "evaluations": int(result.passes[-1])})
                 del result, chosen
+                release_host_memory()
             log(f"{name} run {r}: test {done[key]['test']}, {done[key]['evolution_seconds']:.0f} s")
-        release_host_memory()
+        release_host_memory(programs=True)
 
     per_run = {s: [done[s]["test"]] for s in SEEDS}
     for name in spec.methods:
