@@ -159,8 +159,10 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
             return {"fitness_skill_mean": lm_protocol.returned_model(algo, state, params_, score_fn, fitness,
                                                                      weights)[1]}
 
-        pick = jax.jit(lambda state, params_, algo=algo: lm_protocol.returned_model(algo, state, params_, score_fn,
-                                                                                    fitness, weights)[0])
+        # The run's state has a leading run axis: taking run 0 inside the jitted pick
+        # reads one model of the archive, where x[0] outside would copy the archive.
+        pick = jax.jit(lambda states, params_, algo=algo: lm_protocol.returned_model(
+            algo, jax.tree.map(lambda x: x[0], states), params_, score_fn, fitness, weights)[0])
         for r in range(spec.runs):
             key = f"{name}/{r}"
             if key not in done:
@@ -168,7 +170,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                 result = mj.run(algo, keys[r:r + 1], score_fn, fitness, spec.forward_passes, params=params,
                                 seed_models=seeds, metrics_fn=metrics_fn, log_every=spec.log_every,
                                 progress=not spec.no_progress, name=f"{name} run {r}")
-                chosen = pick(jax.tree.map(lambda x: x[0], result.state), params)
+                chosen = pick(result.state, params)
                 keep(key, {"test": per_skill(chosen, test, test_weights),
                            "fitness": per_skill(chosen, fitness, weights),
                            "curve": {"forward_passes": result.passes.tolist(),
