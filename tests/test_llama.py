@@ -88,6 +88,12 @@ def test_greedy_is_one_compiled_program(tiny):
     np.testing.assert_array_equal(np.asarray(decode(params, tokens, mask)), REF[f"{case}/greedy"])
 
 
+def test_save_hf_names_its_arguments_when_given_in_another_order(tiny, tmp_path):
+    _, config, params = tiny
+    with pytest.raises(ValueError, match=r"save_hf\(config, params, path\)"):
+        llama_load.save_hf(str(tmp_path), config, params)
+
+
 def test_save_hf_round_trip_sharded(tiny, tmp_path):
     case, config, params = tiny
     llama_load.save_hf(config, params, str(tmp_path), max_shard_bytes=10_000)

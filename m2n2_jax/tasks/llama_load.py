@@ -129,6 +129,9 @@ def load_hf(path: str, dtype=None) -> tuple[LlamaConfig, dict]:
 def save_hf(config: LlamaConfig, params, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write a Hugging Face checkpoint directory: config.json and safetensors (sharded
     above `max_shard_bytes`), readable by `load_hf` and by transformers."""
+    if not isinstance(config, LlamaConfig) or not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"save_hf(config, params, path): got a {type(config).__name__} for config and a "
+                         f"{type(path).__name__} for path")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=1)
