@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import tempfile
 import typing
 from collections.abc import Callable
@@ -118,6 +119,20 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
 
 
+def commit() -> str:
+    """The git commit the code ran at, "+dirty" when the library or the experiments
+    differ from it (results files aside), or "unknown" outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout
+    try:
+        head = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--", "m2n2_jax", "experiments", "benchmarks",
+                      ":!experiments/results", ":!benchmarks/results").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if changed else "")
+
+
 def stderr(values: np.ndarray, axis: int = 0) -> np.ndarray:
     """Standard error of the mean over `axis` (0 for one value)."""
     n = values.shape[axis]
@@ -154,14 +169,14 @@ def run_record(method: str, seeds: list[int], result, **extra) -> dict:
 
 
 def write_json(path: str, record: dict) -> dict:
-    """Write `record` and the machine it ran on atomically (a killed run never leaves a
+    """Write `record`, the machine it ran on and the code's commit atomically (a killed run never leaves a
     half-written file); returns what was written."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
         m = machine()
         device = f"{m['device']} ({m['processor']}, {m['cores']} cores)"
-        record = {**record, "jax_version": m["versions"]["jax"], "device": device, "machine": m}
+        record = {**record, "jax_version": m["versions"]["jax"], "device": device, "machine": m, "commit": commit()}
         json.dump(record, f, indent=1)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(f.name, path)
