@@ -3,10 +3,10 @@
     python -m benchmarks.compile_time [--leaves 34 68 136 272] [--rounds 2]
 
 A model of L float32 leaves of shape (64, 64) (SmolLM2-135M has 272 leaves, a
-Llama-2-7B 291, a 70B 723); `mj.memory_plan` compiles `run`'s step for it (M2N2,
-archive 6, split-point slerp, a score of one multiply-add: the merge dominates) from
-shapes alone, so the process's peak resident set is the compiler's. Two variants, in
-fresh processes, interleaved over --rounds:
+Llama-2-7B 291, a 70B 723); `runner.lower_step` compiles `run`'s step for it, as
+`mj.memory_plan` does (M2N2, archive 6, split-point slerp, a score of one
+multiply-add: the merge dominates) from shapes alone, so the process's peak resident
+set is the compiler's. Two variants, in fresh processes, interleaved over --rounds:
   once    the library: the slerp angle's sums computed once (`merge.once`)
   fused   `merge.once` replaced by a plain call, as before: XLA:CPU copies the L-term
           sums into each of the L leaves' fusions
@@ -41,29 +41,22 @@ def measure(variant: str, num_leaves: int) -> dict:
     import jax.numpy as jnp
 
     import m2n2_jax as mj
-    from m2n2_jax import merge, runner
+    from m2n2_jax import merge
+    from m2n2_jax.layout import lay_out
+    from m2n2_jax.runner import lower_step
 
     if variant == "fused":
         merge.once = lambda fn, *arrays: fn(*arrays)
     model = {f"w{i:04d}": jax.ShapeDtypeStruct((64, 64), jnp.float32) for i in range(num_leaves)}
+    seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype), model)
     algorithm = mj.M2N2(archive_size=6, mutation=False)
     score_fn = lambda m, x: jnp.clip(x[:, 0] + 0.0 * m["w0000"][0, 0], 0.0, 1.0)
     data = jax.ShapeDtypeStruct((8, 3), jnp.float32)
-    compiled = []
-    lower = runner._advance.lower
-
-    class Recording:  # keep the compiled program to count its instructions
-        @staticmethod
-        def lower(*args, **kwargs):
-            lowered = lower(*args, **kwargs)
-            compiled.append(lowered.compile())
-            return type("Done", (), {"compile": lambda self: compiled[0]})()
-
-    runner._advance = Recording
     t = time.perf_counter()
-    mj.memory_plan(algorithm, score_fn, model, data, num_seeds=2)
+    layout = lay_out(algorithm, score_fn, seeds, data, params=algorithm.default_params())
+    compiled = lower_step(layout).compile()  # what mj.memory_plan compiles
     seconds = time.perf_counter() - t
-    text = compiled[0].as_text()
+    text = compiled.as_text()
     return {"seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "instructions": sum(line.lstrip().startswith("%") for line in text.splitlines())}
 

@@ -2,8 +2,10 @@
 
 `step` (one ask / evaluate / tell) is the scan body of every run and can be called
 inside a user's own `jit`; `evolve` scans it. `run` adds what a long run needs on the
-host: validation, placement on a ("runs", "data", "model") mesh, progress, logging, checkpoints
-and a time limit. Independent runs (one per key) share one compiled call; each step's
+host, in this order: validate the arguments, lay the run out on a ("runs", "data",
+"model") mesh (`layout.Layout`), start (or resume from a checkpoint), loop over
+compiled calls (progress, logging, checkpoints, a time limit), finish. `lower_step`
+gives the step program of a layout to compile or inspect. Independent runs (one per key) share one compiled call; each step's
 key is `fold_in(run_key, step)`, so results do not depend on how steps are chunked
 into calls, and a resumed run ends bit-identical. The budget counts forward passes:
 the S seed models cost S, each step P (the algorithm's population size).
@@ -22,31 +24,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
-from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
-from m2n2_jax.checks import (
-    check_contract,
-    check_finite_params,
-    check_float_leaves,
-    check_scores,
-    stack_models,
-    valid_children,
-)
+from m2n2_jax.checks import check_finite_params, check_float_leaves, check_scores, stack_models, valid_children
+from m2n2_jax.layout import Layout, lay_out, pad_runs, pad_size
 from m2n2_jax.scoring import evaluate, num_points
-from m2n2_jax.sharding import (
-    Placement,
-    check_archive_memory,
-    check_mesh,
-    default_mesh,
-    from_process_0,
-    on_device,
-    pad_points,
-    to_host,
-)
+from m2n2_jax.sharding import check_mesh, default_mesh, from_process_0, on_device, to_host
 
 
 def step(algorithm: Algorithm, score_fn: Callable, state, key: jax.Array, params, data):
@@ -195,9 +181,9 @@ def run(
         training datapoints over "data" (each device scores its slice; scores are
         gathered), every model's leaves over "model" (the archive, seeds, parents,
         child and noise; `score_fn` receives the child so sharded, and XLA partitions
-        it). Default: runs over as many devices as there are runs, the rest share the
-        datapoints, model axis 1. R and M are padded with copies of the last run /
-        datapoint, dropped from the result. After
+        it). Default (`sharding.default_mesh`): runs over as many devices as there are
+        runs, the rest share the datapoints, model axis 1. R and M are padded with
+        copies of the last run / datapoint, dropped from the result. After
         `jax.distributed.initialize()` every process calls `run` alike, and the mesh
         must hold devices of every process (the default takes the global `jax.devices()`).
       model_specs: a PartitionSpec per model leaf (a pytree like one model, naming
@@ -219,126 +205,157 @@ def run(
     Returns:
       RunResult.
     """
+    # Validate, and lay the run out on the devices.
+    keys, params, per_run = _check_arguments(algorithm, key, params, data, test_data, log_every=log_every,
+                                             steps_per_call=steps_per_call, chunk_size=chunk_size,
+                                             time_limit=time_limit)
+    mesh = check_mesh(default_mesh(keys.shape[0]) if mesh is None else mesh)
+    run_keys = pad_runs(keys, pad_size(keys.shape[0], mesh.shape["runs"]))
+    init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(run_keys)
+    seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys)
+    layout = lay_out(algorithm, score_fn, one_run_seeds, data, params=params, per_run=per_run, shared=shared,
+                     num_runs=keys.shape[0], test_data=test_data, mesh=mesh, model_specs=model_specs,
+                     archive_memory=archive_memory, chunk_size=chunk_size, metrics_fn=metrics_fn)
+    num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
+    del one_run_seeds  # shapes only from here: a copy of a model held through the run is memory the steps need
+    plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
+                    None if checkpoint is None else checkpoint.every)
+    store = None if checkpoint is None else _store(checkpoint, layout, plan, forward_passes, log_every, run_keys,
+                                                    data, params)
+    params, seeds, data, test_data = layout.place(params, seeds, data, test_data)
+    # Start or resume, then loop over compiled calls.
+    state, log, done, saved = _start_or_resume(layout, plan, store, seeds, init_keys, run_keys, params, data,
+                                               test_data)
+    del seeds  # placed copies: with a large model, device memory the steps need
+    bar = tqdm(total=layout.num_runs * plan.passes(plan.num_steps), initial=layout.num_runs * plan.passes(done),
+               unit="pass", disable=not progress or jax.process_index() != 0, desc=name or type(algorithm).__name__)
+    state, done, stopped = _loop(layout, plan, store, state, log, done, saved, evo_keys, run_keys, params, data,
+                                 test_data, time_limit, bar)
+    bar.close()
+    return _finish(layout, plan, state, log, done, stopped, params, test_data)
+
+
+def _check_arguments(algorithm, key, params, data, test_data, **settings):
+    """(keys (R,), params as host NumPy, per_run), or ValueError naming the argument."""
     if not isinstance(algorithm, Algorithm):
         raise ValueError(f"algorithm must be an m2n2_jax.Algorithm, got {type(algorithm).__name__}")
     keys = _as_run_keys(key)
-    num_runs = keys.shape[0]
-    for arg, value in (("log_every", log_every), ("steps_per_call", steps_per_call), ("chunk_size", chunk_size)):
+    for arg in ("log_every", "steps_per_call", "chunk_size"):
+        value = settings[arg]
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
-    m = num_points(data, "data")
+    if settings["time_limit"] is not None and not settings["time_limit"] > 0:
+        raise ValueError(f"time_limit must be > 0 seconds, got {settings['time_limit']!r}")
+    num_points(data, "data")
     if test_data is not None:
         num_points(test_data, "test_data")
         if jax.tree.structure(test_data) != jax.tree.structure(data):
             raise ValueError("test_data must have the same pytree structure as data")
-    params, per_run = check_params(algorithm, algorithm.default_params() if params is None else params, num_runs)
-    mesh = check_mesh(default_mesh(num_runs) if mesh is None else mesh)
-    check_archive_memory(archive_memory)
-    runs_axis, data_axis = mesh.shape["runs"], mesh.shape["data"]
-    padded = jnp.concatenate([keys, jnp.repeat(keys[-1:], -num_runs % runs_axis, axis=0)])
-    init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(padded)
-    if per_run:
-        params = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], -num_runs % runs_axis, axis=0)]), params)
+    params, per_run = check_params(algorithm, algorithm.default_params() if params is None else params, keys.shape[0])
+    return keys, params, per_run
 
-    seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys)
-    # Shapes only from here: a model's copy held through the run is memory the steps need.
-    one_run_seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), one_run_seeds)
-    num_seeds = jax.tree.leaves(one_run_seeds)[0].shape[0]
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_run_seeds)
-    _check_score_fn(score_fn, template, data, m)
-    state_shape = check_contract(algorithm, one_run_seeds, m,
-                                 jax.tree.map(lambda x: x[0], params) if per_run else params)
-    placement = Placement.of(mesh, template, model_specs)
-    if archive_memory != "device" and not any(isinstance(x, Archive) for x in jax.tree.leaves(
-            state_shape, is_leaf=lambda x: isinstance(x, Archive))):
-        raise ValueError(f"archive_memory={archive_memory!r} keeps an Archive's models in host memory, and "
-                         f"{type(algorithm).__name__}'s state holds no Archive")
-    plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
-                    None if checkpoint is None else checkpoint.every)
 
-    statics = dict(algorithm=algorithm, score_fn=score_fn, metrics_fn=metrics_fn, chunk_size=chunk_size,
-                   mesh=mesh, m=m, shared=shared, per_run=per_run, placement=placement, archive_memory=archive_memory)
-    points, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    if checkpoint is not None:  # of the host values, before placing
-        digests = {"training_data": _digest(data), "params": _field_digests(params)}
-    data = jax.device_put(pad_points(data, data_axis), points)
-    test_data = jax.device_put(test_data, replicated)
-    params = jax.device_put(params, placement.shardings(params, ("runs",) if per_run else ()))
-    seeds = jax.device_put(seeds, placement.shardings(seeds, () if shared else ("runs",)))
-    store, resumed_at = None, None
-    if checkpoint is not None:
-        store = Store(checkpoint, {
-            "algorithm": _describe(algorithm), "forward_passes": int(forward_passes), **digests,
-            "num_runs": int(num_runs), "num_seeds": int(num_seeds), "log_every": log_every,
-            "runs_padded_to": int(padded.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
-            "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(template)],
-            "score_fn": _qualified_name(score_fn),
-        })
-        resumed_at = store.start()
+def _store(checkpoint: Checkpointing, layout: Layout, plan: Schedule, forward_passes: int, log_every: int,
+           run_keys, data, params) -> Store:
+    """The run's checkpoint store; its metadata (digests of the host values, before
+    placing) must match for a resume."""
+    if layout.per_run:
+        params = jax.tree.map(lambda x: pad_runs(x, layout.padded_runs), params)
+    return Store(checkpoint, {
+        "algorithm": _describe(layout.algorithm), "forward_passes": int(forward_passes),
+        "training_data": _digest(data), "params": _field_digests(params),
+        "num_runs": int(layout.num_runs), "num_seeds": int(plan.num_seeds), "log_every": log_every,
+        "runs_padded_to": int(run_keys.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
+        "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(layout.model)],
+        "score_fn": _qualified_name(layout.score_fn),
+    })
 
+
+@dataclasses.dataclass
+class _Log:
+    """What a run has logged so far: {metric: [(R, n) host arrays]} and the wall
+    seconds since `t0` of each logged point, one entry per compiled call."""
+
+    t0: float
+    metrics: dict
+    stamps: list
+
+    def add(self, metrics: dict, count: int) -> None:
+        for k, v in metrics.items():
+            self.metrics[k].append(to_host(v)[:, :count])
+        self.stamps.append(np.full(count, time.perf_counter() - self.t0))
+
+    def arrays(self) -> tuple[dict, np.ndarray]:
+        return {k: np.concatenate(v, axis=1) for k, v in self.metrics.items()}, np.concatenate(self.stamps)
+
+
+def _start_or_resume(layout: Layout, plan: Schedule, store: Store | None, seeds, init_keys, run_keys, params, data,
+                     test_data) -> tuple[Any, _Log, int, int | None]:
+    """(state, log, steps done, passes resumed at or None): every run's `init` on the
+    scored seeds, or the latest checkpoint when `store` resumes one."""
+    resumed_at = None if store is None else store.start()
     t0 = time.perf_counter()
-    state, seed_scores, metrics0 = _start(seeds, init_keys, params, data, test_data, **statics)
-    del seeds  # placed copies: with a large model, device memory the steps need
-    check_scores(to_host(seed_scores), m, "seed models")
-    logs = {k: [to_host(v)[:, None]] for k, v in metrics0.items()}
-    stamps = [np.full(1, time.perf_counter() - t0)]
-    done = 0
-    if resumed_at is not None:
-        done = plan.steps_at(resumed_at)
-        state, restored, wall = store.restore(resumed_at, state, padded, list(logs), done + 1)
-        logs, stamps = {k: [v] for k, v in restored.items()}, [wall]
-        t0 = time.perf_counter() - wall[-1]
-    saved = resumed_at
-    bar = tqdm(total=num_runs * plan.passes(plan.num_steps), unit="pass",
-               disable=not progress or jax.process_index() != 0, desc=name or type(algorithm).__name__)
-    bar.update(num_runs * plan.passes(done))
+    state, seed_scores, metrics = _init_program(seeds, init_keys, params, data, test_data, layout=layout)
+    check_scores(to_host(seed_scores), layout.num_points, "seed models")
+    log = _Log(t0, {k: [to_host(v)[:, None]] for k, v in metrics.items()}, [np.full(1, time.perf_counter() - t0)])
+    if resumed_at is None:
+        return state, log, 0, None
+    done = plan.steps_at(resumed_at)
+    state, restored, wall = store.restore(resumed_at, state, run_keys, list(log.metrics), done + 1)
+    return state, _Log(time.perf_counter() - wall[-1], {k: [v] for k, v in restored.items()}, [wall]), done, resumed_at
+
+
+def _loop(layout: Layout, plan: Schedule, store: Store | None, state, log: _Log, done: int, saved: int | None,
+          evo_keys, run_keys, params, data, test_data, time_limit: float | None, bar) -> tuple[Any, int, bool]:
+    """(state, steps done, stopped by the time limit): compiled calls until the budget
+    is spent or the time limit passed, checkpointing as `plan` says and at the end
+    (`saved`: the passes of the latest checkpoint)."""
     stopped = False
-    while done < plan.num_steps:
+    while done < plan.num_steps and not stopped:
         active, logged = plan.call(done)
-        state, metrics, ok = _advance(state, evo_keys, params, done, active, logged, data, test_data, **statics)
+        state, metrics, ok = _step_program(state, evo_keys, params, done, active, logged, data, test_data,
+                                           layout=layout)
         count = int(active.sum())
         ok = to_host(ok)[:, :count]
         if not ok.all():
             r, i = np.argwhere(~ok)[0]
             raise ValueError(f"run {r}: a child of step {done + i + 1} had non-finite parameters or scores "
                              "outside [0, 1]; check the model and score_fn")
-        for k, v in metrics.items():
-            logs[k].append(to_host(v)[:, :count])
-        stamps.append(np.full(count, time.perf_counter() - t0))
-        bar.update(num_runs * count * plan.population)
+        log.add(metrics, count)
+        bar.update(layout.num_runs * count * plan.population)
         done += count
-        stopped = time_limit is not None and done < plan.num_steps and time.perf_counter() - t0 >= time_limit
+        stopped = time_limit is not None and done < plan.num_steps and time.perf_counter() - log.t0 >= time_limit
         stopped = stopped if time_limit is None else from_process_0(stopped)  # processes stop together
         if store is not None and (stopped or plan.checkpoint[done - count + 1: done + 1].any()):
-            store.save(plan.passes(done), state, padded, {k: np.concatenate(v, axis=1) for k, v in logs.items()},
-                       np.concatenate(stamps))
+            store.save(plan.passes(done), state, run_keys, *log.arrays())
             saved = plan.passes(done)
-        if stopped:
-            break
-    bar.close()
-    logs = {k: np.concatenate(v, axis=1) for k, v in logs.items()}
     if store is not None and saved != plan.passes(done):  # the final state is always saved
-        store.save(plan.passes(done), state, padded, logs, np.concatenate(stamps))
+        store.save(plan.passes(done), state, run_keys, *log.arrays())
+    return state, done, stopped
+
+
+def _finish(layout: Layout, plan: Schedule, state, log: _Log, done: int, stopped: bool, params,
+            test_data) -> RunResult:
+    """The RunResult: the logged points (and, stopped by the time limit, the last state
+    measured), each run's best model, every value gathered where several processes run."""
+    metrics, stamps = log.arrays()
     mask = plan.log[: done + 1].copy()
     if stopped:  # measure the last state reached
         mask[-1] = True
-        final = _measure(state, params, test_data, **statics)
-        for k, v in final.items():
-            logs[k][:, -1] = to_host(v)
-    best_models = _best(state, params, algorithm=algorithm, mesh=mesh, per_run=per_run)
+        for k, v in _measure_program(state, params, test_data, layout=layout).items():
+            metrics[k][:, -1] = to_host(v)
+    best_models = _best_program(state, params, layout=layout)
     jax.block_until_ready(best_models)
     # With several processes, no process can read the sharded arrays: gather them.
     gather = to_host if jax.process_count() > 1 else (lambda x: x)
-    state, best_models = jax.tree.map(lambda x: gather(x)[:num_runs], (state, best_models))
+    state, best_models = jax.tree.map(lambda x: gather(x)[: layout.num_runs], (state, best_models))
     return RunResult(
         passes=plan.passes(np.arange(done + 1))[mask],
-        metrics={k: v[:num_runs, mask] for k, v in logs.items()},
+        metrics={k: v[: layout.num_runs, mask] for k, v in metrics.items()},
         state=state,
         best_models=best_models,
-        wall_seconds=time.perf_counter() - t0,
-        log_wall_seconds=np.concatenate(stamps)[mask],
+        wall_seconds=time.perf_counter() - log.t0,
+        log_wall_seconds=stamps[mask],
         stopped_by_time_limit=stopped,
     )
 
@@ -357,16 +374,6 @@ def _seeds(algorithm: Algorithm, seed_models, seed_fn, init_keys):
     if algorithm.num_seeds is not None and num_seeds != algorithm.num_seeds:
         raise ValueError(f"{type(algorithm).__name__} takes {algorithm.num_seeds} seed models, got {num_seeds}")
     return seeds, shared, one_run
-
-
-def _check_score_fn(score_fn, model, data, m: int) -> None:
-    """score_fn(model, data) must trace to (m,) scores (checked abstractly)."""
-    try:
-        out = jax.eval_shape(score_fn, model, data)
-    except Exception as e:  # shape errors surface as TypeError, flax errors, ...
-        raise ValueError(f"score_fn cannot evaluate a seed model on data (wrong data shape?): {e}") from e
-    if out.shape != (m,):
-        raise ValueError(f"score_fn must return per-datapoint scores of shape ({m},), got {out.shape}")
 
 
 def _power_of_two(n: int, up: bool) -> int:
@@ -504,20 +511,29 @@ def _field_digests(params) -> dict:
     return {jax.tree_util.keystr(path) or "params": _digest(leaf) for path, leaf in jax.tree.leaves_with_path(params)}
 
 
-def _scorer(score_fn, chunk_size, m, split_data: bool, placement: Placement):
-    """(model, data slice) -> (m,) scores; with split data, every device's slice
+def lower_step(layout: Layout, steps_per_call: int = 1) -> jax.stages.Lowered:
+    """The compiled call of `steps_per_call` steps of every run that `run` makes for
+    `layout`, lowered from shapes alone (nothing allocated): `.compile()` it to read
+    `memory_analysis()` or `as_text()`. The state is donated and updated in place."""
+    return _step_program.lower(*layout.abstract_step_arguments(steps_per_call), layout=layout)
+
+
+def _scorer(layout: Layout):
+    """(model, data slice) -> (M,) scores; with split data, every device's slice
     gathered. The model reaches score_fn in device memory, split over "model"."""
 
     def scores(model, batch):
-        s = evaluate(score_fn, placement.constrain(on_device(model)), batch, chunk_size)
-        return jax.lax.all_gather(s, "data", tiled=True)[:m] if split_data else s
+        s = evaluate(layout.score_fn, layout.placement.constrain(on_device(model)), batch, layout.chunk_size)
+        return jax.lax.all_gather(s, "data", tiled=True)[: layout.num_points] if layout.split_data else s
 
     return scores
 
 
-def _metrics(algorithm, score_fn, metrics_fn, chunk_size):
+def _metrics(layout: Layout):
     """(state, params, test) -> {"train_score": best's, **metrics_fn(...)}."""
-    extra = metrics_fn or test_score_metrics(algorithm, lambda model, test: evaluate(score_fn, model, test, chunk_size))
+    algorithm = layout.algorithm
+    extra = layout.metrics_fn or test_score_metrics(
+        algorithm, lambda model, test: evaluate(layout.score_fn, model, test, layout.chunk_size))
 
     def measure(state, params, test):
         return {"train_score": algorithm.best(state, params)[1].astype(jnp.float32), **extra(state, params, test)}
@@ -532,29 +548,6 @@ def _sharded(fn, mesh, in_specs):
                          axis_names=manual)
 
 
-def _place_state(states, placement: Placement, archive_memory: str):
-    """The runs' states (leading axis R) as they live between calls: split over "runs",
-    stacked models over "model", an Archive's models in `archive_memory`."""
-    if not placement.sharded and archive_memory == "device":
-        return states  # as the shard_map leaves them (the programs of a run without a model axis)
-    return jax.device_put(states, state_shardings(states, placement, archive_memory))
-
-
-def state_shardings(states, placement: Placement, archive_memory: str):
-    """NamedShardings of the runs' states (arrays or shapes, leading axis R): split
-    over "runs", stacked models over "model", an Archive's models in `archive_memory`."""
-    shardings = placement.shardings(states, ("runs",))
-    if archive_memory == "device":
-        return shardings
-    host = lambda s: jax.tree.map(lambda x: x.with_memory_kind(archive_memory), s)
-    return jax.tree.map(lambda s: s.replace(models=host(s.models)) if isinstance(s, Archive) else s,
-                        shardings, is_leaf=lambda x: isinstance(x, Archive))
-
-
-STATIC = ("algorithm", "score_fn", "metrics_fn", "chunk_size", "mesh", "m", "shared", "per_run", "placement",
-          "archive_memory")
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _seed_models(seed_fn, keys):
     return jax.vmap(seed_fn)(keys)
@@ -567,37 +560,42 @@ def _map_runs(fn, per_run: bool, params, *per_run_args):
     return jax.lax.map(lambda args: fn(params, *args), per_run_args)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
-def _start(seeds, run_keys, params, data, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared,
-           per_run, placement, archive_memory):
+def _specs(layout: Layout, *names: str) -> tuple:
+    """PartitionSpecs of a program's arguments by kind: "runs" (split over runs),
+    "params" and "seeds" (split over runs when per run), "data", "all" (replicated)."""
+    runs, everywhere = PartitionSpec("runs"), PartitionSpec()
+    kinds = {"runs": runs, "params": runs if layout.per_run else everywhere,
+             "seeds": everywhere if layout.shared else runs, "data": PartitionSpec("data"), "all": everywhere}
+    return tuple(kinds[n] for n in names)
+
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _init_program(seeds, run_keys, params, data, test, *, layout: Layout):
     """(states, seed scores, metrics) of every run after `init`."""
-    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1, placement)
-    measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
+    scorer, measure = _scorer(layout), _metrics(layout)
 
     def runs(seeds, run_keys, params, data, test):
         def one(params, run_seeds, k):
-            state, scores = init_state(algorithm, scorer, k, seeds if shared else run_seeds, params, data)
+            state, scores = init_state(layout.algorithm, scorer, k, seeds if layout.shared else run_seeds, params,
+                                       data)
             return state, scores, measure(state, params, test)
 
-        if shared:
-            return _map_runs(lambda p, k: one(p, None, k), per_run, params, run_keys)
-        return _map_runs(one, per_run, params, seeds, run_keys)
+        if layout.shared:
+            return _map_runs(lambda p, k: one(p, None, k), layout.per_run, params, run_keys)
+        return _map_runs(one, layout.per_run, params, seeds, run_keys)
 
-    R, P = PartitionSpec("runs"), PartitionSpec()
-    specs = (P if shared else R, R, R if per_run else P, PartitionSpec("data"), P)
-    states, scores, metrics = _sharded(runs, mesh, specs)(seeds, run_keys, params, data, test)
-    return _place_state(states, placement, archive_memory), scores, metrics
+    specs = _specs(layout, "seeds", "runs", "params", "data", "all")
+    states, scores, metrics = _sharded(runs, layout.mesh, specs)(seeds, run_keys, params, data, test)
+    return layout.place_state(states), scores, metrics
 
 
-@functools.partial(jax.jit, static_argnames=STATIC, donate_argnames="states")
-def _advance(states, run_keys, params, first_step, active, logged, data, test, *, algorithm, score_fn, metrics_fn,
-             chunk_size, mesh, m, shared, per_run, placement, archive_memory):
+@functools.partial(jax.jit, static_argnames="layout", donate_argnames="states")
+def _step_program(states, run_keys, params, first_step, active, logged, data, test, *, layout: Layout):
     """One call of every run: step first_step + i where active[i], metrics where
     logged[i] (the host's `Schedule`), else the state as is and NaN metrics.
     Returns (states, metrics, ok), each (R, call_steps); the states are updated in
     place (donated)."""
-    scorer = _scorer(score_fn, chunk_size, m, mesh.shape["data"] > 1, placement)
-    measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
+    scorer, measure = _scorer(layout), _metrics(layout)
 
     def runs(states, run_keys, params, first_step, active, logged, data, test):
         def one(params, state, key):
@@ -606,8 +604,8 @@ def _advance(states, run_keys, params, first_step, active, logged, data, test, *
 
             def body(state, i):
                 state, ok = jax.lax.cond(
-                    active[i], lambda s: step(algorithm, scorer, s, jax.random.fold_in(key, first_step + i), params,
-                                              data),
+                    active[i], lambda s: step(layout.algorithm, scorer, s, jax.random.fold_in(key, first_step + i),
+                                              params, data),
                     lambda s: (s, jnp.bool_(True)), state)
                 metrics = jax.lax.cond(logged[i], lambda s: measure(s, params, test), lambda s: nan, state)
                 return state, (metrics, ok)
@@ -615,25 +613,23 @@ def _advance(states, run_keys, params, first_step, active, logged, data, test, *
             state, (metrics, ok) = jax.lax.scan(body, state, jnp.arange(active.shape[0]))
             return state, metrics, ok
 
-        return _map_runs(one, per_run, params, states, run_keys)
+        return _map_runs(one, layout.per_run, params, states, run_keys)
 
-    R, P = PartitionSpec("runs"), PartitionSpec()
-    states, metrics, ok = _sharded(runs, mesh, (R, R, R if per_run else P, P, P, P, PartitionSpec("data"), P))(
-        states, run_keys, params, first_step, active, logged, data, test)
-    return _place_state(states, placement, archive_memory), metrics, ok
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-def _measure(states, params, test, *, algorithm, score_fn, metrics_fn, chunk_size, mesh, m, shared, per_run, placement,
-             archive_memory):
-    measure = _metrics(algorithm, score_fn, metrics_fn, chunk_size)
-    runs = lambda states, params, test: _map_runs(lambda p, s: measure(s, p, test), per_run, params, states)
-    return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec(),
-                                 PartitionSpec()))(states, params, test)
+    specs = _specs(layout, "runs", "runs", "params", "all", "all", "all", "data", "all")
+    states, metrics, ok = _sharded(runs, layout.mesh, specs)(states, run_keys, params, first_step, active, logged,
+                                                             data, test)
+    return layout.place_state(states), metrics, ok
 
 
-@functools.partial(jax.jit, static_argnames=("algorithm", "mesh", "per_run"))
-def _best(states, params, *, algorithm, mesh, per_run):
-    runs = lambda states, params: _map_runs(lambda p, s: algorithm.best(s, p)[0], per_run, params, states)
-    return _sharded(runs, mesh, (PartitionSpec("runs"), PartitionSpec("runs") if per_run else PartitionSpec()))(
-        states, params)
+@functools.partial(jax.jit, static_argnames="layout")
+def _measure_program(states, params, test, *, layout: Layout):
+    measure = _metrics(layout)
+    runs = lambda states, params, test: _map_runs(lambda p, s: measure(s, p, test), layout.per_run, params, states)
+    return _sharded(runs, layout.mesh, _specs(layout, "runs", "params", "all"))(states, params, test)
+
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _best_program(states, params, *, layout: Layout):
+    best = lambda p, s: layout.algorithm.best(s, p)[0]
+    runs = lambda states, params: _map_runs(best, layout.per_run, params, states)
+    return _sharded(runs, layout.mesh, _specs(layout, "runs", "params"))(states, params)
