@@ -71,7 +71,7 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
 
 
 def insert_worst_leaves(archive: Archive, model, scores: jax.Array, fitness: jax.Array) -> tuple[Archive, jax.Array]:
-    """N + 1 compete: the one with the lowest fitness leaves (SPEC.md step 4).
+    """N + 1 compete: the one with the lowest fitness leaves (docs/algorithm.md#step).
 
     Args:
       archive: N slots.

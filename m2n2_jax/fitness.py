@@ -1,5 +1,5 @@
-"""Competition for limited resources and attraction (SPEC.md, mechanisms 1 and 2, and
-the paper's general form, "For real models").
+"""Competition for limited resources and attraction (docs/algorithm.md#fitness and #selection, in
+the paper's general form).
 
 Scores are maximised: S[i, j] is model i's score on datapoint j, 0/1 or continuous in
 [0, 1]. The general fitness (the paper's equations 3-5) is

@@ -1,5 +1,5 @@
-"""Spherical merging with a split point (SPEC.md, mechanism 3), optionally per
-parameter group (SPEC.md, "For real models").
+"""Spherical merging with a split point (docs/algorithm.md#merge), optionally per
+parameter group (docs/algorithm.md#groups).
 
 A model is a pytree; merging treats it as the flat vector that
 `jax.flatten_util.ravel_pytree` would give (leaves in `jax.tree.leaves` order, each
@@ -283,7 +283,7 @@ def split_point_slerp(
       split: k, an integer in [0, D]; k = D gives slerp(w), k = 0 gives slerp(1 - w).
         Shape (G,) with groups, k_g in [0, D_g]. Of any size: an int32 array, a Python
         or NumPy int, or the pair (k // WORD, k % WORD) that `random_split` returns for
-        groups of 2^31 coordinates or more. (M2N2 draws k uniformly in [0, D), SPEC.md;
+        groups of 2^31 coordinates or more. (M2N2 draws k uniformly in [0, D), docs/algorithm.md#merge;
         every value of [0, D] is a valid merge.)
       groups: the group index 0 .. G - 1 of each leaf, a tuple of ints in
         `jax.tree.leaves` order: what `leaf_groups(model, fn)` returns for M2N2's

@@ -1,4 +1,4 @@
-"""Gaussian mutation (SPEC.md, "evolving from scratch")."""
+"""Gaussian mutation (docs/algorithm.md#mutation)."""
 
 from __future__ import annotations
 

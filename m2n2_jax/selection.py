@@ -1,4 +1,4 @@
-"""Parent sampling (SPEC.md, mechanism 2).
+"""Parent sampling (docs/algorithm.md#selection).
 
 Probabilities are proportional to non-negative weights restricted to occupied slots;
 if every occupied weight is zero, sampling falls back to uniform over occupied slots

@@ -44,7 +44,7 @@ def transform(request):
 
 
 def np_fitness(scores, alpha=1.0, capacity=None):
-    """NumPy reference of SPEC mechanism 1."""
+    """NumPy reference of docs/algorithm.md#fitness."""
     scores = np.asarray(scores, np.float64)
     total = scores.sum(0)
     z = np.where(total > 0, np.power(np.where(total > 0, total, 1.0), alpha), 1.0)

@@ -45,7 +45,7 @@ def test_attraction_matches_numpy(rng):
         assert g[a] == 0.0
 
 
-# --- the paper's general form (SPEC.md, "For real models") ---------------------------
+# --- the paper's general form (docs/algorithm.md#fitness) ----------------------------------
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("eps", [0.0, 1e-2])

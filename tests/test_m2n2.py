@@ -51,7 +51,7 @@ def np_split_point_slerp(a, b, w, k):
 
 
 def np_dropped(scores, occupied, child_scores, alpha=1.0, capacity=None):
-    """NumPy reference of SPEC step 4: the index that leaves (N = the child)."""
+    """NumPy reference of docs/algorithm.md#step (tell): the index that leaves (N = the child)."""
     all_scores = np.concatenate([scores, np.asarray(child_scores)[None]])
     _, f = np_fitness(all_scores, alpha, capacity)
     f = np.where(np.concatenate([occupied, [True]]), f, np.inf)

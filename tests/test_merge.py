@@ -9,7 +9,7 @@ from m2n2_jax.merge import group_sizes, leaf_groups, num_params, slerp, split_po
 
 
 def np_split_slerp(a, b, w, k, eps=1e-6):
-    """NumPy reference of SPEC mechanism 3 on flat float64 vectors."""
+    """NumPy reference of docs/algorithm.md#merge on flat float64 vectors."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     cos = np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1)
     omega = np.arccos(cos)

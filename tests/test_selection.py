@@ -1,4 +1,4 @@
-"""Parent sampling (SPEC mechanism 2) against exact NumPy probabilities."""
+"""Parent sampling (docs/algorithm.md#selection) against exact NumPy probabilities."""
 
 import functools
 

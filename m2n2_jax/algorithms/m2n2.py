@@ -1,6 +1,6 @@
 """M2N2, Model Merging of Natural Niches (Abrantes, Lange, Tang, GECCO 2025, arXiv 2508.16204).
 
-A steady-state evolution over an archive of N models (SPEC.md): parents are sampled by
+A steady-state evolution over an archive of N models (docs/algorithm.md): parents are sampled by
 resource-normalised fitness and attraction, merged with the split-point slerp, mutated
 when evolving from scratch, and the child competes with the N archive models; the one
 with the lowest fitness leaves. The switches that give the paper's ablations, and the

@@ -1,7 +1,7 @@
 """The paper's digits task: scikit-learn's 8x8 digits and an MLP 64 -> 256 (ReLU) -> 10.
 
 Data: the raw pixel values 0..16 (not rescaled), the first 80 % for training (1,437
-images) and the rest for test (360), as SPEC.md states; they ship with scikit-learn,
+images) and the rest for test (360), as docs/algorithm.md#digits states; they ship with scikit-learn,
 so nothing is downloaded.
 
 Model: a tuple of `Dense(kernel, bias)` layers, so `ravel_pytree` lays the parameters
@@ -71,7 +71,7 @@ def mlp_from_flat(flat: jax.Array, sizes: Sequence[int]) -> tuple[Dense, ...]:
 
 
 def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01, inputs: int = INPUTS) -> tuple[Dense, ...]:
-    """Every coordinate drawn from N(0, std^2) as one flat vector (SPEC's random seeds)."""
+    """Every coordinate drawn from N(0, std^2) as one flat vector (docs/algorithm.md#initialisation)."""
     sizes = widths(hidden, inputs)
     return mlp_from_flat(std * jax.random.normal(key, (num_params(sizes),), jnp.float32), sizes)
 
