@@ -25,7 +25,7 @@ class Archive:
       scores: S, float32 (N, M); all zeros in an empty slot.
       occupied: bool (N,); empty slots are never parents and are replaced first.
       asked: int32 scalar, the number of children asked for so far (M2N2's warm-up
-        counts them; one per ask unless `M2N2.children_per_step` > 1).
+        counts them; one per ask unless `M2N2.population_size` > 1).
     """
 
     models: object

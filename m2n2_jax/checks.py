@@ -86,7 +86,7 @@ def _same_state(what: str, new, old) -> None:
                              f"init gave {y.dtype}{list(y.shape)}; every leaf must keep its shape and dtype")
 
 
-def check_finite_params(tree, what: str) -> None:
+def check_finite_models(tree, what: str) -> None:
     """Raise if any leaf of `tree` holds NaN or inf."""
     for path, leaf in jax.tree.flatten_with_path(tree)[0]:
         if not np.all(np.isfinite(np.asarray(leaf, np.float32))):
@@ -105,6 +105,6 @@ def check_scores(scores, expected_points: int, what: str) -> None:
 
 
 def valid_children(children, scores: jax.Array) -> jax.Array:
-    """On device: True iff every child's params are finite and all scores finite in [0, 1]."""
+    """On device: True iff every child's parameters are finite and all scores finite in [0, 1]."""
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(children)]))
     return finite & jnp.all((scores >= 0) & (scores <= 1))

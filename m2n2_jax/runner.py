@@ -5,10 +5,11 @@ inside a user's own `jit`; `evolve` scans it. `run` adds what a long run needs o
 host, in this order: validate the arguments, lay the run out on a ("runs", "data",
 "model") mesh (`layout.Layout`), start (or resume from a checkpoint), loop over
 compiled calls (progress, logging, checkpoints, a time limit), finish. `lower_step`
-gives the step program of a layout to compile or inspect. Independent runs (one per key) share one compiled call; each step's
-key is `fold_in(run_key, step)`, so results do not depend on how steps are chunked
-into calls, and a resumed run ends bit-identical. The budget counts forward passes:
-the S seed models cost S, each step P (the algorithm's population size).
+gives the step program of a layout to compile or inspect. Independent runs (one per
+key) share one compiled call; each step's key is `fold_in(run_key, step)`, so results
+do not depend on how steps are chunked into calls, and a resumed run ends
+bit-identical. The budget counts forward passes: the S seed models cost S, each step
+P (the algorithm's population size).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
-from m2n2_jax.checks import check_finite_params, check_float_leaves, check_scores, stack_models, valid_children
+from m2n2_jax.checks import check_finite_models, check_float_leaves, check_scores, stack_models, valid_children
 from m2n2_jax.layout import Layout, lay_out, pad_runs, pad_size
 from m2n2_jax.scoring import evaluate, num_points
 from m2n2_jax.sharding import check_mesh, default_mesh, from_process_0, on_device, to_host
@@ -369,7 +370,7 @@ def _seeds(algorithm: Algorithm, seed_models, seed_fn, init_keys):
     seeds = stack_models(list(seed_models)) if shared else _seed_models(seed_fn, init_keys)
     one_run = seeds if shared else jax.tree.map(lambda x: x[0], seeds)
     check_float_leaves(one_run, "seed models")
-    check_finite_params(seeds, "seed models")
+    check_finite_models(seeds, "seed models")
     num_seeds = jax.tree.leaves(one_run)[0].shape[0]
     if algorithm.num_seeds is not None and num_seeds != algorithm.num_seeds:
         raise ValueError(f"{type(algorithm).__name__} takes {algorithm.num_seeds} seed models, got {num_seeds}")

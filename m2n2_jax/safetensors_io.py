@@ -1,9 +1,9 @@
-"""Read and write safetensors checkpoints as flax params pytrees (no pickle anywhere).
+"""Read and write safetensors checkpoints as flax model pytrees (no pickle anywhere).
 
 A checkpoint is one `.safetensors` file or a directory of them (Hugging Face layout:
 `model.safetensors`, or shards `model-00001-of-00002.safetensors` listed in
 `model.safetensors.index.json`). Flat tensor names map to nested dicts by splitting
-on `sep`: "layer_0/attn/qkv/kernel" <-> params["layer_0"]["attn"]["qkv"]["kernel"]
+on `sep`: "layer_0/attn/qkv/kernel" <-> model["layer_0"]["attn"]["qkv"]["kernel"]
 (use sep="." for names like "model.layers.0.mlp.up_proj.weight"). Arrays keep their
 dtype (bfloat16 included) and are returned as host NumPy arrays.
 
@@ -26,9 +26,9 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def flatten(params, sep: str = "/") -> dict[str, np.ndarray]:
+def flatten(model, sep: str = "/") -> dict[str, np.ndarray]:
     """{name: host array} of a pytree of nested dicts, names joined with `sep`."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(model)
     for path, leaf in flat.items():
         if not all(isinstance(k, str) and sep not in k for k in path) or not hasattr(leaf, "shape"):
             raise ValueError(f"leaf {path}: only nested dicts of arrays with string keys free of {sep!r} "
@@ -78,11 +78,11 @@ def load(path: str, sep: str = "/") -> dict:
     return unflatten(load_flat(path), sep)
 
 
-def save(params, path: str, sep: str = "/", max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:
-    """Write `params` to `path`: one file if it ends in .safetensors, else a directory
+def save(model, path: str, sep: str = "/", max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:
+    """Write `model` to `path`: one file if it ends in .safetensors, else a directory
     holding `model.safetensors`, or shards of at most `max_shard_bytes` (a tensor
     larger than that gets a shard of its own) and their index json."""
-    save_flat(flatten(params, sep), path, max_shard_bytes, metadata)
+    save_flat(flatten(model, sep), path, max_shard_bytes, metadata)
 
 
 def save_flat(tensors: dict, path: str, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:

@@ -1,6 +1,6 @@
 """Per-datapoint scores: the evaluation that the budget counts.
 
-A `score_fn(params, batch) -> scores` maps a model and a batch of datapoints (a pytree
+A `score_fn(model, batch) -> scores` maps a model and a batch of datapoints (a pytree
 whose leaves share a leading axis M) to scores in [0, 1] of shape (M,).
 """
 
@@ -23,7 +23,7 @@ def num_points(data, what: str = "data") -> int:
     return m
 
 
-def evaluate(score_fn: Callable, params, data, chunk_size: int | None = None) -> jax.Array:
+def evaluate(score_fn: Callable, model, data, chunk_size: int | None = None) -> jax.Array:
     """Scores of one model on all M datapoints, shape (M,), float32.
 
     With `chunk_size`, the data are cut into chunks of that many datapoints (the last
@@ -32,12 +32,12 @@ def evaluate(score_fn: Callable, params, data, chunk_size: int | None = None) ->
     """
     m = num_points(data)
     if chunk_size is None or chunk_size >= m:
-        return score_fn(params, data).astype(jnp.float32)
+        return score_fn(model, data).astype(jnp.float32)
     num_chunks = -(-m // chunk_size)
     pad = num_chunks * chunk_size - m
     chunks = jax.tree.map(
         lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((num_chunks, chunk_size) + x.shape[1:]),
         data,
     )
-    scores = jax.lax.map(lambda batch: score_fn(params, batch).astype(jnp.float32), chunks)
+    scores = jax.lax.map(lambda batch: score_fn(model, batch).astype(jnp.float32), chunks)
     return scores.reshape(-1)[:m]

@@ -90,7 +90,7 @@ def test_greedy_is_one_compiled_program(tiny):
 
 def test_save_hf_names_its_arguments_when_given_in_another_order(tiny, tmp_path):
     _, config, params = tiny
-    with pytest.raises(ValueError, match=r"save_hf\(config, params, path\)"):
+    with pytest.raises(ValueError, match=r"save_hf\(config, model, path\)"):
         llama_load.save_hf(str(tmp_path), config, params)
 
 

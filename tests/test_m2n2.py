@@ -672,13 +672,13 @@ def test_task_vector_mode_needs_a_base_of_the_seeds_shape():
 
 
 @pytest.mark.parametrize("rng", ["threefry2x32", "threefry4x32"])
-def test_children_per_step_are_single_asks_with_split_keys(rng):
+def test_the_children_of_one_step_are_single_asks_with_split_keys(rng):
     """P = 4: child i is what a one-child ask gives with key split(key, 4)[i] from the
     same archive after i earlier children (`asked` + i), up to float32 rounding (the
     children are vmapped); `asked` grows by 4. P = 1 is the one-child ask with the key
     itself (its key layout is pinned by the draws test above)."""
     one = mj.M2N2(archive_size=N, mutation_rng=rng)
-    four = dataclasses.replace(one, children_per_step=4)
+    four = dataclasses.replace(one, population_size=4)
     assert four.population_size == 4 and one.population_size == 1
     state, params = switch_state(one)
     for key in KEYS[:3]:
@@ -689,7 +689,7 @@ def test_children_per_step_are_single_asks_with_split_keys(rng):
             single, _ = ask(one, k, state.replace(asked=state.asked + i), params)
             np.testing.assert_allclose(flat_children[i], flat(single)[0], rtol=1e-5, atol=1e-6)  # vmap rounds
         assert len({c.tobytes() for c in flat_children}) == 4
-    chex.assert_trees_all_equal(ask(dataclasses.replace(one, children_per_step=1), KEYS[0], state, params),
+    chex.assert_trees_all_equal(ask(dataclasses.replace(one, population_size=1), KEYS[0], state, params),
                                 ask(one, KEYS[0], state, params))
 
 
@@ -697,7 +697,7 @@ def test_warmup_counts_children():
     """P = 4 with 3 children asked before and warm-up 5: children 0 and 1 of the next ask
     are still in warm-up (two distinct uniform parents), children 2 and 3 are not (model
     0 solves everything, so they are model 0 merged with itself: bit-equal copies)."""
-    algorithm = mj.M2N2(archive_size=6, split_point=False, mutation=False, children_per_step=4)
+    algorithm = mj.M2N2(archive_size=6, split_point=False, mutation=False, population_size=4)
     params = algorithm.default_params().replace(warmup=jnp.int32(5))
     scores = jnp.array([[1.0] * 6, [0.0] * 6, [0.0] * 6])
     state = init(algorithm, jax.tree.map(lambda x: x[:3], SEEDS), scores, params).replace(asked=jnp.int32(3))
@@ -713,7 +713,7 @@ def test_tell_inserts_children_in_order():
     solves datapoint 2, child c1 datapoints 1 and 2. Told c0, c1: c0 replaces model 0,
     then c1 replaces c0 (archive: c1, model 1). Told c1, c0: c1 replaces model 1, then
     c0 is rejected (archive: model 0, c1). Each insertion follows the NumPy replay."""
-    algorithm = mj.M2N2(archive_size=2, children_per_step=2)
+    algorithm = mj.M2N2(archive_size=2, population_size=2)
     params = algorithm.default_params()
     seeds = models(2)
     scores = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
@@ -739,10 +739,10 @@ def test_tell_inserts_children_in_order():
     assert np_replay((0, 1))[1] == [3, 1] and np_replay((1, 0))[1] == [0, 3], "the counter-case must depend on order"
 
 
-def test_children_per_step_run_spends_p_passes_per_step():
+def test_a_population_of_p_spends_p_passes_per_step():
     """Through the runner: P = 4 spends 4 passes per step (2 seeds + 4 k), `asked`
     counts the 16 children, and a second run of the same keys is bit-identical."""
-    algorithm = mj.M2N2(archive_size=4, children_per_step=4)
+    algorithm = mj.M2N2(archive_size=4, population_size=4)
     run = lambda: mj.run(algorithm, P.KEYS[:2], P.score_fn, P.TRAIN, 2 + 16, seed_fn=P.seed_fn, log_every=4,
                          progress=False)
     result = run()
@@ -780,7 +780,7 @@ def test_each_mutation_rng_runs_through_the_runner(rng):
 
 def test_new_options_are_validated():
     for bad in (0, 2.0):
-        with pytest.raises(ValueError, match="children_per_step"):
-            mj.M2N2(children_per_step=bad)
+        with pytest.raises(ValueError, match="population_size"):
+            mj.M2N2(population_size=bad)
     with pytest.raises(ValueError, match="mutation_rng"):
         mj.M2N2(mutation_rng="philox4x32")

@@ -46,7 +46,7 @@ class Params:
         the digits code's zero guard only.
       warmup: W, the number of first children whose parents are both drawn uniformly
         among the occupied slots (the paper: at most 50 with pre-trained seeds; one
-        child per step unless `M2N2.children_per_step` > 1). No effect without
+        child per step unless `M2N2.population_size` > 1). No effect without
         crossover (`M2N2.crossover=False`: the copied parent is always drawn by f).
       slerp_dot_threshold: the merge is linear where |cos(Omega)| exceeds it; 1 is
         the paper's rule (near-antiparallel parents give children far outside the
@@ -106,7 +106,7 @@ class M2N2(Algorithm):
         "threefry2x32" is JAX's; "threefry4x32", or "rbg" (JAX's fastest on TPU, with
         caveats) may draw the D normals faster on other devices; on our CPU neither
         speeds the loop up by more than 5 % (docs/throughput.md, "Mutation RNG").
-      children_per_step: P, the children of one `ask` (the population size): each
+      population_size: P, the children of one `ask` (one step): each
         drawn independently from the same archive (its own parents, ratio, split
         point and noise, from `jax.random.split(key, P)`; P = 1 uses `key` itself),
         then told one after another. P > 1 shares a step's fixed work (fitness of
@@ -125,7 +125,7 @@ class M2N2(Algorithm):
     task_vectors: bool = False
     task_vector_norm: str = "merge"
     mutation_rng: str = "threefry2x32"
-    children_per_step: int = 1
+    population_size: int = 1
 
     def __post_init__(self):
         if self.task_vector_norm not in TASK_VECTOR_NORMS:
@@ -138,12 +138,8 @@ class M2N2(Algorithm):
             raise ValueError(f"groups must be a function of a leaf path, got {self.groups!r}")
         if self.mutation_rng not in MUTATION_RNGS:
             raise ValueError(f"mutation_rng must be one of {MUTATION_RNGS}, got {self.mutation_rng!r}")
-        if not isinstance(self.children_per_step, int) or self.children_per_step < 1:
-            raise ValueError(f"children_per_step must be an int >= 1, got {self.children_per_step!r}")
-
-    @property
-    def population_size(self) -> int:
-        return self.children_per_step
+        if not isinstance(self.population_size, int) or self.population_size < 1:
+            raise ValueError(f"population_size must be an int >= 1, got {self.population_size!r}")
 
     @classmethod
     def example(cls, model, num_points: int):
@@ -194,14 +190,14 @@ class M2N2(Algorithm):
         return self.tell(key, state, seed_models, seed_scores, params)
 
     def ask(self, key, state: Archive, params: Params):
-        """Sample parents, merge them, mutate: P = `children_per_step` children,
+        """Sample parents, merge them, mutate: P = `population_size` children,
         stacked (P, ...), each from the same archive with its own key.
 
         `state.asked` counts children: child i of this ask is in warm-up while
         state.asked + i < `params.warmup`, and then both its parents are drawn
         uniformly among the occupied slots, distinct when two or more are occupied.
         """
-        p = self.children_per_step
+        p = self.population_size
         if p == 1:
             children = jax.tree.map(lambda x: x[None], self.child(key, state, state.asked, params))
         else:

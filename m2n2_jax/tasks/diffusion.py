@@ -88,8 +88,8 @@ def alpha_bar(t: jax.Array) -> jax.Array:
     return jnp.clip(f / jnp.cos(COSINE_OFFSET / (1 + COSINE_OFFSET) * jnp.pi / 2) ** 2, 1e-4, 1.0)
 
 
-def loss(denoiser: Denoiser, encoder: TextEncoder, params: dict, images, tokens, key, drop: float = 0.1):
-    """DDPM's noise-prediction loss of params {"encoder", "denoiser"} on images (B, 64) in
+def loss(denoiser: Denoiser, encoder: TextEncoder, model: dict, images, tokens, key, drop: float = 0.1):
+    """DDPM's noise-prediction loss of model {"encoder", "denoiser"} on images (B, 64) in
     [-1, 1] with their captions (B, L); the caption is dropped (c = 0) w.p. `drop`."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     b = images.shape[0]
@@ -98,11 +98,11 @@ def loss(denoiser: Denoiser, encoder: TextEncoder, params: dict, images, tokens,
     a = alpha_bar(t)[:, None]
     x_t = jnp.sqrt(a) * images + jnp.sqrt(1 - a) * noise
     keep = jax.random.bernoulli(k_drop, 1 - drop, (b, 1))
-    c = encoder.apply(params["encoder"], tokens) * keep
-    return jnp.mean((denoiser.apply(params["denoiser"], x_t, t, c) - noise) ** 2)
+    c = encoder.apply(model["encoder"], tokens) * keep
+    return jnp.mean((denoiser.apply(model["denoiser"], x_t, t, c) - noise) ** 2)
 
 
-def sample(denoiser: Denoiser, denoiser_params, c, noise, steps: int = 15, guidance: float = 1.0):
+def sample(denoiser: Denoiser, denoiser_model, c, noise, steps: int = 15, guidance: float = 1.0):
     """Images (B, 64) in [-1, 1] from conditioning c (B, C) and noise (B, 64): DDIM with
     eta = 0 over `steps` equal time steps from t = 1 to 0, predicted images clipped to
     [-1, 1]; guidance g mixes eps_uncond + g (eps_cond - eps_uncond) (1: conditional
@@ -111,9 +111,9 @@ def sample(denoiser: Denoiser, denoiser_params, c, noise, steps: int = 15, guida
 
     def eps_of(x, t):
         tb = jnp.full(x.shape[:1], t)
-        eps = denoiser.apply(denoiser_params, x, tb, c)
+        eps = denoiser.apply(denoiser_model, x, tb, c)
         if guidance != 1.0:
-            uncond = denoiser.apply(denoiser_params, x, tb, jnp.zeros_like(c))
+            uncond = denoiser.apply(denoiser_model, x, tb, jnp.zeros_like(c))
             eps = uncond + guidance * (eps - uncond)
         return eps
 
@@ -148,23 +148,23 @@ def similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.clip(jnp.where(norms > 0, (a * b).sum(-1) / jnp.where(norms > 0, norms, 1.0), 0.0), 0.0, 1.0)
 
 
-def generate(denoiser: Denoiser, encoder: TextEncoder, encoder_params, denoiser_params, tokens, noise,
+def generate(denoiser: Denoiser, encoder: TextEncoder, encoder_model, denoiser_model, tokens, noise,
              steps: int = 15, guidance: float = 1.0):
     """Images (B, 64) from captions (B, L) and noise (B, 64)."""
-    return sample(denoiser, denoiser_params, encoder.apply(encoder_params, tokens), noise, steps, guidance)
+    return sample(denoiser, denoiser_model, encoder.apply(encoder_model, tokens), noise, steps, guidance)
 
 
-def caption_scores(denoiser: Denoiser, encoder: TextEncoder, encoder_params, classifier: Classifier,
-                   classifier_params, steps: int = 15, guidance: float = 1.0) -> Callable:
-    """score_fn(denoiser_params, (tokens (M, L), noise (M, 64), real features (M, F))) ->
+def caption_scores(denoiser: Denoiser, encoder: TextEncoder, encoder_model, classifier: Classifier,
+                   classifier_model, steps: int = 15, guidance: float = 1.0) -> Callable:
+    """score_fn(denoiser_model, (tokens (M, L), noise (M, 64), real features (M, F))) ->
     (M,) in [0, 1]: per caption, the `similarity` of the classifier features of the
-    image generated from it (the fixed `encoder_params` read the caption) and of the
+    image generated from it (the fixed `encoder_model` read the caption) and of the
     caption's real image."""
 
-    def score_fn(denoiser_params, batch):
+    def score_fn(denoiser_model, batch):
         tokens, noise, real = batch
-        images = generate(denoiser, encoder, encoder_params, denoiser_params, tokens, noise, steps, guidance)
-        return similarity(classifier.apply(classifier_params, images, features=True), real)
+        images = generate(denoiser, encoder, encoder_model, denoiser_model, tokens, noise, steps, guidance)
+        return similarity(classifier.apply(classifier_model, images, features=True), real)
 
     return score_fn
 

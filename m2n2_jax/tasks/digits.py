@@ -76,17 +76,17 @@ def init_mlp(key: jax.Array, hidden: int = 256, std: float = 0.01, inputs: int =
     return mlp_from_flat(std * jax.random.normal(key, (num_params(sizes),), jnp.float32), sizes)
 
 
-def mlp_apply(params: Sequence[Dense], x: jax.Array) -> jax.Array:
+def mlp_apply(model: Sequence[Dense], x: jax.Array) -> jax.Array:
     """Logits (M, 10) of inputs x (M, inputs); ReLU between layers."""
-    for i, layer in enumerate(params):
+    for i, layer in enumerate(model):
         x = x @ layer.kernel + layer.bias
-        if i < len(params) - 1:
+        if i < len(model) - 1:
             x = jax.nn.relu(x)
     return x
 
 
-def classification_scores(params, batch) -> jax.Array:
+def classification_scores(model, batch) -> jax.Array:
     """1.0 where the MLP's argmax equals the label, else 0.0: (M,) for batch (x (M, inputs), y (M,))."""
     x, y = batch
-    return (jnp.argmax(mlp_apply(params, x), axis=-1) == y).astype(jnp.float32)
+    return (jnp.argmax(mlp_apply(model, x), axis=-1) == y).astype(jnp.float32)
 

@@ -47,8 +47,8 @@ def chat_prompt(question: str, system: str | None = None) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def final_number_scores(model: Llama, tokenizer, max_new_tokens: int, stop_tokens: Sequence[int], pad_id: int):
-    """score_fn(params, (prompts (M, P), mask (M, P), gold (M,) int32)) -> (M,) float32:
+def final_number_scores(net: Llama, tokenizer, max_new_tokens: int, stop_tokens: Sequence[int], pad_id: int):
+    """score_fn(model, (prompts (M, P), mask (M, P), gold (M,) int32)) -> (M,) float32:
     1.0 where the last number of the greedy generation equals the gold answer."""
     stops = tuple(int(t) for t in stop_tokens)
 
@@ -61,9 +61,9 @@ def final_number_scores(model: Llama, tokenizer, max_new_tokens: int, stop_token
         right = [f is not None and f == float(g) for f, g in zip(found, answers.reshape(-1).tolist())]
         return np.asarray(right, np.float32).reshape(answers.shape)
 
-    def score_fn(params, batch):
+    def score_fn(model, batch):
         prompts, mask, answers = batch
-        out = llama_decode.greedy(model, params, prompts, mask, max_new_tokens, stops, pad_id)
+        out = llama_decode.greedy(net, model, prompts, mask, max_new_tokens, stops, pad_id)
         return jax.pure_callback(check, jax.ShapeDtypeStruct(answers.shape, jnp.float32), out, answers,
                                  vmap_method="broadcast_all")
 

@@ -242,14 +242,14 @@ class Llama(nn.Module):
         return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
 
 
-def init(model: Llama, key: jax.Array) -> dict:
-    """Random parameters ({"params": ...}) of `model`, normal(0.02) weights, unit norms."""
-    return model.init(key, jnp.zeros((1, 1), jnp.int32))
+def init(net: Llama, key: jax.Array) -> dict:
+    """A random model ({"params": ...}) of `net`, normal(0.02) weights, unit norms."""
+    return net.init(key, jnp.zeros((1, 1), jnp.int32))
 
 
-def token_nll(model: Llama, params, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def token_nll(net: Llama, model, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """(B, t-1) next-token negative log-likelihoods of tokens (B, t) given their
     prefixes (teacher forcing), zero where `mask` (B, t-1) is False."""
-    logits, _ = model.apply(params, tokens[:, :-1])
+    logits, _ = net.apply(model, tokens[:, :-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     return nll if mask is None else jnp.where(mask, nll, 0.0)

@@ -35,7 +35,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
     return tokens, mask
 
 
-def greedy(model: Llama, params, prompts: jax.Array, mask: jax.Array, max_new_tokens: int,
+def greedy(net: Llama, model, prompts: jax.Array, mask: jax.Array, max_new_tokens: int,
            stop_tokens: Sequence[int], pad_id: int) -> jax.Array:
     """(B, max_new_tokens) int32: the tokens greedy decoding appends to each prompt.
 
@@ -54,7 +54,7 @@ def greedy(model: Llama, params, prompts: jax.Array, mask: jax.Array, max_new_to
     length = p + max_new_tokens - 1
     key_valid = jnp.concatenate([mask, jnp.ones((b, max_new_tokens - 1), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = model.apply(params, prompts, positions, model.empty_cache(b, length), 0, key_valid)
+    logits, cache = net.apply(model, prompts, positions, net.empty_cache(b, length), 0, key_valid)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
@@ -66,7 +66,7 @@ def greedy(model: Llama, params, prompts: jax.Array, mask: jax.Array, max_new_to
 
     def step(carry):
         i, token, cache, out, done = carry
-        logits, cache = model.apply(params, token[:, None], (lengths + i - 1)[:, None], cache, p + i - 1, key_valid)
+        logits, cache = net.apply(model, token[:, None], (lengths + i - 1)[:, None], cache, p + i - 1, key_valid)
         token = jnp.where(done, pad_id, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
         return i + 1, token, cache, out, done | jnp.isin(token, stops)
@@ -95,15 +95,15 @@ def answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[in
     return tokens, mask, expected
 
 
-def exact_match_scores(model: Llama, stop_tokens: Sequence[int], pad_id: int):
-    """score_fn(params, (prompts, mask, expected)) -> (M,) float32 for `m2n2_jax.run`:
+def exact_match_scores(net: Llama, stop_tokens: Sequence[int], pad_id: int):
+    """score_fn(model, (prompts, mask, expected)) -> (M,) float32 for `m2n2_jax.run`:
     1.0 where the greedy generation of N = expected.shape[1] tokens equals the answer
     (`answer_batch`: its stop token, then padding), else 0.0."""
     stops = tuple(int(t) for t in stop_tokens)
 
-    def score_fn(params, batch):
+    def score_fn(model, batch):
         prompts, mask, expected = batch
-        out = greedy(model, params, prompts, mask, expected.shape[1], stops, pad_id)
+        out = greedy(net, model, prompts, mask, expected.shape[1], stops, pad_id)
         return jnp.all(out == expected, axis=-1).astype(jnp.float32)
 
     return score_fn

@@ -90,23 +90,23 @@ def from_hf_tensors(config: LlamaConfig, tensors: dict, dtype=None) -> dict:
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"tensor {name}: shape {tuple(tensors[name].shape)}, config says {shape}")
     cast = (lambda x: x) if dtype is None else (lambda x: np.asarray(x).astype(dtype))
-    params = {"embed_tokens": cast(tensors["model.embed_tokens.weight"]),
+    model = {"embed_tokens": cast(tensors["model.embed_tokens.weight"]),
               "norm": {"weight": cast(tensors["model.norm.weight"])}}
     if not config.tie_word_embeddings:
-        params["lm_head"] = {"weight": cast(tensors["lm_head.weight"])}
+        model["lm_head"] = {"weight": cast(tensors["lm_head.weight"])}
     for i, layer in enumerate(config.layer_names):
-        params[layer] = {}
+        model[layer] = {}
         for name, path in LAYER_TENSORS.items():
-            node = params[layer]
+            node = model[layer]
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = cast(tensors[f"model.layers.{i}.{name}"])
-    return {"params": params}
+    return {"params": model}
 
 
-def to_hf_tensors(config: LlamaConfig, params) -> dict[str, np.ndarray]:
+def to_hf_tensors(config: LlamaConfig, model) -> dict[str, np.ndarray]:
     """{Hugging Face name: host array} of `llama.Llama` parameters ({"params": ...})."""
-    p = params["params"]
+    p = model["params"]
     tensors = {"model.embed_tokens.weight": p["embed_tokens"], "model.norm.weight": p["norm"]["weight"]}
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = p["lm_head"]["weight"]
@@ -120,22 +120,22 @@ def to_hf_tensors(config: LlamaConfig, params) -> dict[str, np.ndarray]:
 
 
 def load_hf(path: str, dtype=None) -> tuple[LlamaConfig, dict]:
-    """(config, params) of a Hugging Face Llama checkpoint directory (config.json and
+    """(config, model) of a Hugging Face Llama checkpoint directory (config.json and
     one safetensors file or an index of shards)."""
     config = LlamaConfig.from_json(path)
     return config, from_hf_tensors(config, safetensors_io.load_flat(path), dtype)
 
 
-def save_hf(config: LlamaConfig, params, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(config: LlamaConfig, model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write a Hugging Face checkpoint directory: config.json and safetensors (sharded
     above `max_shard_bytes`), readable by `load_hf` and by transformers."""
     if not isinstance(config, LlamaConfig) or not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"save_hf(config, params, path): got a {type(config).__name__} for config and a "
+        raise ValueError(f"save_hf(config, model, path): got a {type(config).__name__} for config and a "
                          f"{type(path).__name__} for path")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=1)
-    safetensors_io.save_flat(to_hf_tensors(config, params), path, max_shard_bytes, metadata={"format": "pt"})
+    safetensors_io.save_flat(to_hf_tensors(config, model), path, max_shard_bytes, metadata={"format": "pt"})
 
 
 def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -186,7 +186,7 @@ def gguf_config(reader) -> LlamaConfig:
 
 
 def load_gguf(path: str, dtype=None) -> tuple[LlamaConfig, dict]:
-    """(config, params) of a llama.cpp GGUF file, dequantized to float32 (then `dtype`).
+    """(config, model) of a llama.cpp GGUF file, dequantized to float32 (then `dtype`).
 
     Query and key rows are put back in Hugging Face's order (`unpermute_rows`), so the
     result equals transformers' own loading of the file.

@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA) on the (out, in) weight matrices of a params pytree.
+"""Low-rank adapters (LoRA) on the (out, in) weight matrices of a model pytree.
 
 An adapter for weight W (out, in) is a pair A (rank, in), B (out, rank); the adapted
 weight is W + (alpha / rank) B A. B starts at zero, so training starts at the base
@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from m2n2_jax.merge import leaf_path
 
 
-def targets(params, select: Callable[[str], bool]) -> dict[str, tuple]:
+def targets(model, select: Callable[[str], bool]) -> dict[str, tuple]:
     """{path: shape} of the 2-d leaves whose path `select` accepts."""
     found = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model):
         name = leaf_path(path)
         if jnp.ndim(leaf) == 2 and select(name):
             found[name] = tuple(leaf.shape)
@@ -29,11 +29,11 @@ def targets(params, select: Callable[[str], bool]) -> dict[str, tuple]:
     return found
 
 
-def init(key: jax.Array, params, rank: int, select: Callable[[str], bool], dtype=jnp.float32) -> dict:
+def init(key: jax.Array, model, rank: int, select: Callable[[str], bool], dtype=jnp.float32) -> dict:
     """Adapters for every selected (out, in) leaf: A ~ N(0, 1/in) (rank, in), B = 0."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    shapes = targets(params, select)
+    shapes = targets(model, select)
     keys = jax.random.split(key, len(shapes))
     return {name: {"a": jax.random.normal(k, (rank, shape[1]), dtype) / jnp.sqrt(shape[1]).astype(dtype),
                    "b": jnp.zeros((shape[0], rank), dtype)}
@@ -46,10 +46,10 @@ def delta(adapter: dict, alpha: float) -> jax.Array:
     return (alpha / a.shape[0]) * (b @ a)
 
 
-def merge(params, adapters: dict, alpha: float):
+def merge(model, adapters: dict, alpha: float):
     """params with every adapted leaf W replaced by W + (alpha / rank) B A (W's dtype).
 
-    Every adapter must name a leaf of `params` with its shape.
+    Every adapter must name a leaf of `model` with its shape.
     """
     seen = set()
 
@@ -63,7 +63,7 @@ def merge(params, adapters: dict, alpha: float):
             raise ValueError(f"adapter {name}: delta {d.shape} for a leaf of shape {leaf.shape}")
         return (leaf.astype(jnp.float32) + d).astype(leaf.dtype)
 
-    merged = jax.tree_util.tree_map_with_path(add, params)
+    merged = jax.tree_util.tree_map_with_path(add, model)
     if seen != set(adapters):
         raise ValueError(f"adapters name no leaf of the model: {sorted(set(adapters) - seen)[:4]}")
     return merged

@@ -98,11 +98,11 @@ class Transformer(nn.Module):
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.num_layers)]
 
 
-def greedy_decode(model: Transformer, params, prompt: jax.Array, answer_len: int) -> jax.Array:
+def greedy_decode(net: Transformer, model, prompt: jax.Array, answer_len: int) -> jax.Array:
     """The `answer_len` tokens that greedy decoding appends to one prompt.
 
     Args:
-      prompt: (P,) int tokens; P + answer_len - 1 <= model.max_len.
+      prompt: (P,) int tokens; P + answer_len - 1 <= net.max_len.
 
     Returns:
       (answer_len,) int32. The prompt is read in one call, then each new token in one
@@ -110,24 +110,24 @@ def greedy_decode(model: Transformer, params, prompt: jax.Array, answer_len: int
       P + answer_len - 1 positions.
     """
     p = prompt.shape[0]
-    if p + answer_len - 1 > model.max_len:
-        raise ValueError(f"prompt ({p}) + answer ({answer_len}) - 1 tokens exceed max_len {model.max_len}")
-    cache = model.empty_cache(1, p + answer_len - 1)
-    logits, cache = model.apply(params, prompt[None], cache, 0)
+    if p + answer_len - 1 > net.max_len:
+        raise ValueError(f"prompt ({p}) + answer ({answer_len}) - 1 tokens exceed max_len {net.max_len}")
+    cache = net.empty_cache(1, p + answer_len - 1)
+    logits, cache = net.apply(model, prompt[None], cache, 0)
     first = jnp.argmax(logits[0, -1]).astype(jnp.int32)
 
     def step(carry, i):
         token, cache = carry
-        logits, cache = model.apply(params, token.reshape(1, 1), cache, p + i)
+        logits, cache = net.apply(model, token.reshape(1, 1), cache, p + i)
         return (jnp.argmax(logits[0, -1]).astype(jnp.int32), cache), token
 
     (last, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(answer_len - 1))
     return jnp.concatenate([tokens, last[None]])
 
 
-def _decode_all(model: Transformer, params, prompts: jax.Array, answer_len: int) -> jax.Array:
+def _decode_all(net: Transformer, model, prompts: jax.Array, answer_len: int) -> jax.Array:
     """(M, answer_len): `greedy_decode` vmapped over the prompts (M, P)."""
-    return jax.vmap(lambda q: greedy_decode(model, params, q, answer_len))(prompts)
+    return jax.vmap(lambda q: greedy_decode(net, model, q, answer_len))(prompts)
 
 
 def exact_match(decoded: jax.Array, answers: jax.Array) -> jax.Array:
@@ -161,45 +161,45 @@ def partial_credit(decoded: jax.Array, answers: jax.Array, pad: int = 0) -> jax.
 SCORERS = {"exact_match": exact_match, "partial_credit": partial_credit}
 
 
-def decoded_scores(model: Transformer, scorer: str | Callable = "exact_match") -> Callable:
-    """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32: `scorer` (a
+def decoded_scores(net: Transformer, scorer: str | Callable = "exact_match") -> Callable:
+    """score_fn(model, (prompts (M, P), answers (M, A))) -> (M,) float32: `scorer` (a
     name of SCORERS or a function of (decoded, answers)) applied to the greedy
     decoding of each prompt (`answers.shape[1]` tokens); the decoder is vmapped over
     the M questions."""
     score = SCORERS[scorer] if isinstance(scorer, str) else scorer
 
-    def score_fn(params, batch):
+    def score_fn(model, batch):
         prompts, answers = batch
-        return score(_decode_all(model, params, prompts, answers.shape[1]), answers)
+        return score(_decode_all(net, model, prompts, answers.shape[1]), answers)
 
     return score_fn
 
 
-def exact_match_scores(model: Transformer) -> Callable:
-    """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32 exact match.
+def exact_match_scores(net: Transformer) -> Callable:
+    """score_fn(model, (prompts (M, P), answers (M, A))) -> (M,) float32 exact match.
 
     1.0 where the greedy decoding of a prompt equals its whole answer (padding
     included), else 0.0; the decoder is vmapped over the M questions.
     """
-    return decoded_scores(model, exact_match)
+    return decoded_scores(net, exact_match)
 
 
-def partial_credit_scores(model: Transformer) -> Callable:
-    """score_fn(params, (prompts (M, P), answers (M, A))) -> (M,) float32 in [0, 1]:
+def partial_credit_scores(net: Transformer) -> Callable:
+    """score_fn(model, (prompts (M, P), answers (M, A))) -> (M,) float32 in [0, 1]:
     the `partial_credit` of each prompt's greedy decoding (1 exactly where it is an
     exact match)."""
-    return decoded_scores(model, partial_credit)
+    return decoded_scores(net, partial_credit)
 
 
-def mixed_scores(model: Transformer) -> Callable:
-    """score_fn(params, (prompts (M, P), answers (M, A), partial (M,) bool)) -> (M,):
+def mixed_scores(net: Transformer) -> Callable:
+    """score_fn(model, (prompts (M, P), answers (M, A), partial (M,) bool)) -> (M,):
     a scorer chosen per question, `partial_credit` where `partial` else `exact_match`,
     from one decoding. For data that mixes skills scored differently (addition by exact
     match, reversal by partial credit: `per_skill_batch`)."""
 
-    def score_fn(params, batch):
+    def score_fn(model, batch):
         prompts, answers, partial = batch
-        decoded = _decode_all(model, params, prompts, answers.shape[1])
+        decoded = _decode_all(net, model, prompts, answers.shape[1])
         return jnp.where(partial, partial_credit(decoded, answers), exact_match(decoded, answers))
 
     return score_fn
@@ -218,11 +218,11 @@ def per_skill_batch(data: dict, scorers: dict) -> tuple:
     return prompts, answers, partial
 
 
-def sequence_loss(model: Transformer, params, prompts: jax.Array, answers: jax.Array) -> jax.Array:
+def sequence_loss(net: Transformer, model, prompts: jax.Array, answers: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy on the answer tokens (teacher forcing).
 
-    prompts (B, P), answers (B, A); the model reads prompt + answer[:-1].
+    prompts (B, P), answers (B, A); the network reads prompt + answer[:-1].
     """
     inputs = jnp.concatenate([prompts, answers[:, :-1]], axis=1)
-    logits, _ = model.apply(params, inputs)
+    logits, _ = net.apply(model, inputs)
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, prompts.shape[1] - 1:], answers).mean()

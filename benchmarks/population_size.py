@@ -1,6 +1,6 @@
 """M2N2 with P children per step on the digits protocol: passes per second and accuracy.
 
-    python -m benchmarks.children_per_step [--children 1 4 16] [--runs 10] [--passes 50000]
+    python -m benchmarks.population_size [--children 1 4 16] [--runs 10] [--passes 50000]
         [--seed 42] [--mutation-rng threefry2x32] [--out benchmarks/results]
 
 From scratch as experiments/from_scratch.py (runs seed .. seed + R - 1, two N(0, 0.01^2)
@@ -12,10 +12,10 @@ is the protocol's M2N2 run bit for bit:
     (P = 1, 4, 16, then again), passes/s and its ratio to P = 1 within each round;
 (2) accuracy at equal passes: one run of --passes passes per seed for each P, the
     final test accuracy (mean and standard error over the runs) and its wall time
-    (--speed-only keeps those of OUT/children_per_step.json, measured with the same
+    (--speed-only keeps those of OUT/population_size.json, measured with the same
     settings, and reruns (1) alone).
 Run it from the repository root (`-m`: it imports `experiments.harness` and
-`experiments.methods`). Writes OUT/children_per_step.json (with `harness.machine()`)
+`experiments.methods`). Writes OUT/population_size.json (with `harness.machine()`)
 and .txt.
 """
 
@@ -27,7 +27,7 @@ import json
 import os
 
 if not __package__:  # run as a file: the imports below need the repository root on the path
-    raise SystemExit("run from the repository root as a module: python -m benchmarks.children_per_step")
+    raise SystemExit("run from the repository root as a module: python -m benchmarks.population_size")
 
 from experiments import harness  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--speed-passes", type=int, default=2 + 1_600, help="passes per run of each timed run")
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--mutation-rng", default="threefry2x32", choices=MUTATION_RNGS)
-    p.add_argument("--speed-only", action="store_true", help="rerun (1), keep (2) from OUT/children_per_step.json")
+    p.add_argument("--speed-only", action="store_true", help="rerun (1), keep (2) from OUT/population_size.json")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if min(args.children) < 1 or args.runs < 1 or args.speed_rounds < 1:
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     if min(args.passes, args.speed_passes) < 2 + max(args.children):
         raise SystemExit(f"error: --passes and --speed-passes must be >= 2 + {max(args.children)}")
 
-    path, accuracy = os.path.join(args.out, "children_per_step.json"), {}
+    path, accuracy = os.path.join(args.out, "population_size.json"), {}
     if args.speed_only:
         old = json.load(open(path))
         if any(old[k] != getattr(args, k) for k in ("runs", "seed", "passes", "mutation_rng")) or any(
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     seed_fn = lambda key: jax.vmap(lambda k: digits.init_mlp(k, 256))(jax.random.split(key, 2))
     keys = harness.run_keys(args.seed, args.runs)
     protocol, params = methods.make_method("m2n2", methods.Settings())  # archive 20, mutation std 0.01
-    algorithms = {c: dataclasses.replace(protocol, children_per_step=c, mutation_rng=args.mutation_rng)
+    algorithms = {c: dataclasses.replace(protocol, population_size=c, mutation_rng=args.mutation_rng)
                   for c in args.children}
 
     def run(c, passes, steps_per_call=None):
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
               "ratio_to_first": {str(c): v for c, v in ratios.items()},
               "accuracy": {str(c): v for c, v in accuracy.items()}}
     record = harness.write_json(path, record)
-    with open(os.path.join(args.out, "children_per_step.txt"), "w") as f:
+    with open(os.path.join(args.out, "population_size.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return record
 
