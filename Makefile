@@ -81,11 +81,11 @@ experiments: $(STAMP)
 	    --seed 42 --out experiments/results/from_scratch || exit 1; \
 	done
 	$(BIN)/python experiments/plot.py experiments/results/from_scratch
-	for method in m2n2 m2n2-no-attraction m2n2-no-splitpoint ga map-elites brute-force; do \
+	for method in m2n2 m2n2-no-attraction m2n2-no-splitpoint ga map-elites slerp-grid; do \
 	  $(BIN)/python experiments/pretrained.py --method $$method --runs 10 --forward-passes 10000 \
 	    --seed 42 --out experiments/results/pretrained || exit 1; \
 	done
-	$(BIN)/python experiments/pretrained.py --method slerp-cma-es --runs 10 --forward-passes 10000 \
+	$(BIN)/python experiments/pretrained.py --method cma-es-slerp --runs 10 --forward-passes 10000 \
 	  --seed 42 --population 20 --std-init 0.2 --out experiments/results/pretrained
 	$(BIN)/python experiments/plot.py experiments/results/pretrained
 	$(BIN)/python experiments/lm_skills.py --runs 4 --forward-passes 1000 --out experiments/results/lm_skills

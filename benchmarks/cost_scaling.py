@@ -80,7 +80,8 @@ def measure(method: str, hidden: int, generations: tuple[int, int], mnist: bool 
     # As experiments/from_scratch.py: M2N2 from two random seeds (one child per step),
     # the ES from one (sigma_0 = 0.01, a population of 20 per step); seeds cost S passes.
     num_seeds = 2 if method == "m2n2" else 1
-    algorithm, params = methods.make_method(method, methods.Settings(population=POPULATION, template=template))
+    settings = methods.Settings(es=methods.ESSettings(template=template, population=POPULATION))
+    algorithm, params = methods.make_method(method, settings)
     seed_fn = lambda key: jax.vmap(init)(jax.random.split(key, num_seeds))
     steps_per_call = POPULATION if method == "m2n2" else 1  # the same compiled call for both budgets
     keys = jax.random.key(42)[None]

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from diffusion_models import CACHE, Training  # noqa: E402
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
+from methods import method_name
 
 from m2n2_jax.tasks import captions  # noqa: E402
 
@@ -49,7 +50,8 @@ class Spec:
     forward_passes: int = flag(500, "evaluations per run of each evolutionary method, seeds included", POSITIVE)
     seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
     out: str = flag("experiments/results/diffusion", "output directory", result=False)
-    methods: tuple[str, ...] = flag(dp.METHODS, "methods to run besides the seeds (default: all)", nargs="+")
+    methods: tuple[str, ...] = flag(dp.METHODS, "methods to run besides the seeds (default: all)", nargs="+",
+                                    type=method_name)
     archive_size: int = flag(20, "M2N2 archive size", AT_LEAST_2)
     warmup: int = flag(50, "M2N2's first steps that merge random archive members (paper: at most 50)", NON_NEGATIVE)
     population: int = flag(20, "CMA-ES population", AT_LEAST_2)

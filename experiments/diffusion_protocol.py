@@ -1,4 +1,4 @@
-"""The paper's image-generation merge in miniature (SPEC.md, "For real models"), for
+"""The paper's image-generation merge in miniature (docs/algorithm.md#image-generation), for
 experiments/diffusion.py: the problem, the methods and the evaluation.
 
 Only the denoisers are merged; every merged model reads its captions with the JA
@@ -27,6 +27,7 @@ genome (cma-es), or the chosen merge. It is evaluated on the held-out images
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -46,7 +47,18 @@ from m2n2_jax.tasks import diffusion as df
 
 EVOLUTIONARY = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "m2n2-one-group", "ga", "cma-es")
 SEEDS = tuple(f"seed-{s}" for s in diffusion_models.SEEDS)
-OPERATORS = ("linear", "slerp", "task_arithmetic", "ties", "dare")
+WEIGHTS = np.linspace(0, 1, 11)
+SCALES = (0.5, 0.75, 1.0, 1.25)
+GRIDS = {  # the static merges (`static_merge`): operator -> coefficient name -> the values tried
+    "linear": {"weight": WEIGHTS},
+    "slerp": {"weight": WEIGHTS},
+    "task_arithmetic": {"scale": np.linspace(0.25, 1.5, 6)},
+    "ties": {"density": (0.2, 0.5, 0.8), "scale": SCALES},
+    "dare": {"density": (0.2, 0.5, 0.8), "scale": SCALES},
+}
+if set(GRIDS) - set(merge_ops.OPERATORS):
+    raise ValueError(f"grids for {sorted(set(GRIDS) - set(merge_ops.OPERATORS))}, not merge operators")
+OPERATORS = tuple(name for name in merge_ops.OPERATORS if name in GRIDS)  # the registry's order
 METHODS = EVOLUTIONARY + OPERATORS
 METRICS = ("test_ncs", "fid", "digit_accuracy", "en_test_ncs", "en_fid", "en_digit_accuracy", "cross_lingual")
 
@@ -143,12 +155,13 @@ def algorithm(name: str, p: Problem, spec):
     CMA-ES over task-arithmetic weights of the three EN models on en-base."""
     d = p.models["denoisers"]
     settings = methods.Settings(
-        mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max", subtract_worst=True,
-        warmup=spec.warmup, m2n2_groups=None if name == "m2n2-one-group" else df.conditioning_group,
-        population=spec.population, std_init=spec.std_init, template=d["en-base"], groups=mj.PathPrefix(2),
-        num_models=3)
+        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max",
+                                  subtract_worst=True, warmup=spec.warmup,
+                                  groups=None if name == "m2n2-one-group" else df.conditioning_group),
+        merge_es=methods.MergeESSettings(template=d["en-base"], groups=mj.PathPrefix(2), num_models=3,
+                                         population=spec.population, std_init=spec.std_init))
     if name == "cma-es":
-        algo, params = methods.make_method("ta-cma-es", settings)
+        algo, params = methods.make_method("cma-es-task-arithmetic", settings)
         return algo, params, [d["en-base"], d["ja"], d["en-long"], d["en-thick"]], fid_scores(p)
     algo, params = methods.make_method("m2n2" if name == "m2n2-one-group" else name, settings)
     return algo, params, p.seeds, p.score_fn
@@ -184,38 +197,27 @@ def run_evolutionary(name: str, p: Problem, spec):
     return result, [jax.device_get(pick(jax.tree.map(lambda x: x[r], result.state))) for r in range(spec.runs)]
 
 
-# Static merges of the four seed denoisers: name -> (merge(seeds, coefficients, key), grid).
-# Task vectors are taken on en-base; "linear" and "slerp" move from the JA denoiser
-# (w = 0) to the mean of the three EN ones (w = 1).
+# Static merges of the four seed denoisers, by their names in the registry
+# (`merge_ops.OPERATORS`) -> coefficient grid. Task vectors are taken on en-base, the
+# other three at weight 1; "linear" and "slerp" move from the JA denoiser (weight 0) to
+# the mean of the three EN ones (weight 1).
 def _en_mean(d):
     return merge_ops.linear([d["en-base"], d["en-long"], d["en-thick"]], jnp.ones(3))
 
 
-def _others(d):
-    return [d["ja"], d["en-long"], d["en-thick"]]
-
-
-WEIGHTS = np.linspace(0, 1, 11)
-SCALES = (0.5, 0.75, 1.0, 1.25)
-STATIC = {
-    "linear": (lambda d, c, k: merge_ops.linear([d["ja"], _en_mean(d)], jnp.stack([1 - c["weight"], c["weight"]])),
-               {"weight": WEIGHTS}),
-    "slerp": (lambda d, c, k: merge_ops.slerp(d["ja"], _en_mean(d), c["weight"]), {"weight": WEIGHTS}),
-    "task_arithmetic": (lambda d, c, k: merge_ops.task_arithmetic(d["en-base"], _others(d), [1.0] * 3,
-                                                                  scale=c["scale"]),
-                        {"scale": np.linspace(0.25, 1.5, 6)}),
-    "ties": (lambda d, c, k: merge_ops.ties(d["en-base"], _others(d), [1.0] * 3, c["density"], scale=c["scale"]),
-             {"density": (0.2, 0.5, 0.8), "scale": SCALES}),
-    "dare": (lambda d, c, k: merge_ops.dare(k, d["en-base"], _others(d), [1.0] * 3, c["density"], scale=c["scale"]),
-             {"density": (0.2, 0.5, 0.8), "scale": SCALES}),
-}
+def static_merge(name: str, d: dict, c: dict, key):
+    """The merge of the seed denoisers `d` by operator `name` with coefficients `c`."""
+    op = merge_ops.operator(name)
+    if "weight" in c:
+        return op(key, d["ja"], [_en_mean(d)], jnp.reshape(c["weight"], (1,)))
+    return op(key, d["en-base"], [d["ja"], d["en-long"], d["en-thick"]], jnp.ones(3), **c)
 
 
 def best_static(name: str, p: Problem, key) -> tuple:
     """(merged denoiser, chosen coefficients) of a static operator: the grid point with
     the best mean training score (the first on ties)."""
-    merge, grid = STATIC[name]
-    merge_fn = jax.jit(merge)
+    grid = GRIDS[name]
+    merge_fn = jax.jit(functools.partial(static_merge, name))
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     scores = [float(p.train_mean(merge_fn(p.models["denoisers"], {k: jnp.float32(v) for k, v in c.items()}, key)))
               for c in points]

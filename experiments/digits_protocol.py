@@ -27,7 +27,7 @@ INPUTS = {"digits": digits.INPUTS, "mnist": mnist.INPUTS}
 class Protocol:
     """The command line of experiments/from_scratch.py and experiments/pretrained.py (a contract)."""
 
-    method: str = flag("m2n2", "the method (see --help's choices)")
+    method: str = flag("m2n2", "the method (see --help's choices)", type=methods.method_name)
     runs: int = flag(10, "independent runs (seeds)", POSITIVE)
     forward_passes: int = flag(50_000, "budget per run, seeds included", POSITIVE)
     seed: int = flag(42, "first seed; runs use seed .. seed+runs-1")
@@ -105,9 +105,13 @@ def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, se
     """Run `spec.method` through `m2n2_jax.run`, write OUT/METHOD.json, return the record."""
     template = digits.init_mlp(jax.random.key(0), spec.hidden, inputs=train[0].shape[1])
     settings = methods.Settings(
-        mutation_std=spec.mutation_std, archive_size=spec.archive_size,
-        descriptor=mj.group_descriptor(digits.parity_groups(train[1])), num_ratios=spec.forward_passes,
-        population=spec.population, std_init=spec.std_init, template=template, groups=digits.layer_of)
+        m2n2=methods.M2N2Settings(mutation_std=spec.mutation_std, archive_size=spec.archive_size),
+        map_elites=methods.MapElitesSettings(descriptor=mj.group_descriptor(digits.parity_groups(train[1])),
+                                             mutation_std=spec.mutation_std),
+        slerp_grid=methods.SlerpGridSettings(num_ratios=spec.forward_passes),
+        es=methods.ESSettings(template=template, population=spec.population, std_init=spec.std_init),
+        merge_es=methods.MergeESSettings(template=template, groups=digits.layer_of, population=spec.population,
+                                         std_init=spec.std_init))
     try:
         algorithm, params = methods.make_method(spec.method, settings)
         result = mj.run(algorithm, harness.run_keys(spec.seed, spec.runs), digits.classification_scores, train,

@@ -1,4 +1,4 @@
-"""Evolution from scratch on the digits task (SPEC.md; the paper's left panel).
+"""Evolution from scratch on the digits task (docs/algorithm.md#from-scratch; the paper's left panel).
 
     python experiments/from_scratch.py --method m2n2 --runs 10 --forward-passes 50000 \
         --seed 42 --out experiments/results/from_scratch
@@ -32,7 +32,7 @@ from digits_protocol import Protocol, check_cma_es_memory, evolve, load_data  # 
 
 from m2n2_jax.tasks import digits  # noqa: E402
 
-METHODS = tuple(m for m in methods.METHODS if m not in ("brute-force", methods.TASK_VECTORS))
+METHODS = tuple(m for m in methods.METHODS if m not in ("slerp-grid", methods.TASK_VECTORS))
 
 
 def main(argv=None) -> dict:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from methods import method_name
 
 from m2n2_jax.tasks import llama, llama_decode, llama_load
 
@@ -229,7 +230,7 @@ class Spec:
     out: str = flag("experiments/results/llm_real", "output directory", result=False)
     methods: tuple[str, ...] = flag(("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp",
                                      "task_arithmetic", "m2n2-task-vectors"), "methods to run (default: all)",
-                                    nargs="+")
+                                    nargs="+", type=method_name)
     archive_size: int = flag(15, "M2N2 archive size (the paper's)", AT_LEAST_2)
     warmup: int = flag(13, "M2N2's first children merged from random archive members, filling the archive "
                            "(paper: at most 50)", NON_NEGATIVE)

@@ -134,9 +134,11 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
 
     pair = {"specialist_a": models["specialist-a"], "specialist_b": models["specialist-b"], "base": models["base"]}
     settings_ = methods.Settings(
-        mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup, population=spec.population,
-        std_init=spec.std_init, template=models["base"], groups=llama_unit, base=models["base"],
-        magnitude_std=spec.magnitude_std, task_vector_norm="union")
+        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup),
+        task_vectors=methods.TaskVectorSettings(base=models["base"], groups=llama_unit,
+                                                magnitude_std=spec.magnitude_std, task_vector_norm="union"),
+        merge_es=methods.MergeESSettings(template=models["base"], groups=llama_unit, population=spec.population,
+                                         std_init=spec.std_init))
     keys = harness.run_keys(spec.seed, spec.runs)
     fitness_data = jax.device_put(fitness)
     for name in spec.methods:
@@ -152,7 +154,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                                       "seconds": time.perf_counter() - t}]})
             log(f"{name}: {done[name]['runs'][0]}")
             continue
-        algo, params = methods.make_method(lm_protocol.MENU_NAMES.get(name, name), settings_)
+        algo, params = methods.make_method(name, settings_)
         seeds = [pair["specialist_a"], pair["specialist_b"]]
 
         def metrics_fn(state, params_, _test, algo=algo):

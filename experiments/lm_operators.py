@@ -1,15 +1,18 @@
-"""The merge operators of experiments/lm_skills.py by name, with their coefficient grids.
+"""The merge operators of experiments/lm_skills.py, with their coefficient grids.
 
-Each operator (`m2n2_jax.merge_ops`) merges the two specialists, the task-vector ones
-relative to the base. An operator's coefficients are chosen on the training
-questions: every combination of its grid (`GRIDS`) is one evaluation on them, and
-`best_merges` keeps the best. DARE draws its drop masks from a key, so its merge
-differs between runs; the others ignore the key.
+Each operator of the registry (`m2n2_jax.merge_ops.OPERATORS`, by its name there) that
+has a coefficient grid here merges the two specialists: linear and slerp move from
+specialist a (weight 0) to b (weight 1); the task-vector ones add both task vectors, at
+weight 1, to the base (scale multiplies their sum), with M2N2's conventions and DARE's
+1 / density rescale (the registry's "m2n2" defaults). An operator's coefficients are
+chosen on the training questions: every combination of its grid (`GRIDS`: coefficient
+name -> the values tried; "weight", or the registry's `density` and `scale`) is one
+evaluation on them, and `best_merges` keeps the best. DARE draws its drop masks from a
+key, so its merge differs between runs; the others ignore the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from collections.abc import Callable
@@ -20,53 +23,36 @@ import numpy as np
 
 from m2n2_jax import merge_ops
 
+
+def checked_grids(grids: dict) -> dict:
+    """`grids`, after a ValueError if one is keyed by a name that is not a merge operator
+    of the registry."""
+    unknown = sorted(set(grids) - set(merge_ops.OPERATORS))
+    if unknown:
+        raise ValueError(f"coefficient grids for {unknown}, not merge operators; "
+                         f"the registry: {', '.join(merge_ops.OPERATORS)}")
+    return grids
+
+
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
-
-
-@dataclasses.dataclass(frozen=True)
-class Operator:
-    """merge(models, coeffs, key) -> params; `models` holds "base", "specialist_a" and
-    "specialist_b"; grid: coefficient name -> the values tried."""
-
-    merge: Callable
-    grid: dict
-
-
-def _pair(m):
-    return [m["specialist_a"], m["specialist_b"]]
-
-
-def _interpolation(w):
-    """Weights (1 - w, w): with normalize=False, linear is (1 - w) a + w b."""
-    w = jnp.asarray(w, jnp.float32)
-    return jnp.stack([1 - w, w])
-
-
-# The task-vector operators use both task vectors at weight 1 (scale multiplies their
-# sum), M2N2's conventions and DARE's 1 / density rescale (merge_ops' defaults).
-OPERATORS = {
-    "linear": Operator(lambda m, c, k: merge_ops.linear(_pair(m), _interpolation(c["weight"]), normalize=False),
-                       {"weight": np.linspace(0, 1, 11)}),
-    "slerp": Operator(lambda m, c, k: merge_ops.slerp(m["specialist_a"], m["specialist_b"], c["weight"]),
-                      {"weight": np.linspace(0, 1, 11)}),
-    "task_arithmetic": Operator(
-        lambda m, c, k: merge_ops.task_arithmetic(m["base"], _pair(m), [1.0, 1.0], scale=c["scale"]),
-        {"scale": np.linspace(0.3, 1.5, 13)}),
-    "ties": Operator(
-        lambda m, c, k: merge_ops.ties(m["base"], _pair(m), [1.0, 1.0], c["density"], scale=c["scale"]),
-        {"density": (0.1, 0.2, 0.4, 0.7, 1.0), "scale": SCALES}),
-    # density is the fraction kept (drop rates 0.1 ... 0.9, in that order).
-    "dare": Operator(
-        lambda m, c, k: merge_ops.dare(k, m["base"], _pair(m), [1.0, 1.0], c["density"], scale=c["scale"]),
-        {"density": (0.9, 0.7, 0.5, 0.3, 0.1), "scale": SCALES}),
-}
-BASELINES = tuple(OPERATORS)
-GRIDS = {name: op.grid for name, op in OPERATORS.items()}
+# density is the fraction kept (DARE: drop rates 0.1 ... 0.9, in that order).
+GRIDS = checked_grids({
+    "linear": {"weight": np.linspace(0, 1, 11)},
+    "slerp": {"weight": np.linspace(0, 1, 11)},
+    "task_arithmetic": {"scale": np.linspace(0.3, 1.5, 13)},
+    "ties": {"density": (0.1, 0.2, 0.4, 0.7, 1.0), "scale": SCALES},
+    "dare": {"density": (0.9, 0.7, 0.5, 0.3, 0.1), "scale": SCALES},
+})
+BASELINES = tuple(name for name in merge_ops.OPERATORS if name in GRIDS)  # the registry's order
 
 
 def merge(name: str, models: dict, coeffs: dict, key):
-    """The merge of the two specialists by operator `name` with coefficients `coeffs`."""
-    return OPERATORS[name].merge(models, coeffs, key)
+    """The merge of the two specialists by operator `name` with coefficients `coeffs`;
+    `models` holds "base", "specialist_a" and "specialist_b"."""
+    op = merge_ops.operator(name)
+    if "weight" in coeffs:  # from specialist a (weight 0) to specialist b (weight 1)
+        return op(key, models["specialist_a"], [models["specialist_b"]], jnp.reshape(coeffs["weight"], (1,)))
+    return op(key, models["base"], [models["specialist_a"], models["specialist_b"]], jnp.ones(2), **coeffs)
 
 
 def grid(name: str) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The paper's LLM protocol on one specialist pair (SPEC.md, "For real models"), for
+"""The paper's LLM protocol on one specialist pair (docs/algorithm.md#llm), for
 experiments/lm_skills.py.
 
 Two skills, one scored 0/1 per question (addition, exact match, as GSM8K) and one with
@@ -54,7 +54,6 @@ EVOLUTIONARY = PAPER + ("cma-es-task-arithmetic", "m2n2-task-vectors")
 OPERATORS = tuple(lm_operators.BASELINES)
 SEEDS = ("base", "specialist_a", "specialist_b")
 METHODS = EVOLUTIONARY + OPERATORS
-MENU_NAMES = {"cma-es-slerp": "slerp-cma-es", "cma-es-task-arithmetic": "ta-cma-es"}  # this JSON's names -> the menu's
 
 
 def algorithm(name: str, models: dict, skill_of_point, spec):
@@ -62,12 +61,16 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
     menu (`methods.make_method`) with this protocol's settings."""
     pair = [models["specialist_a"], models["specialist_b"]]
     settings = methods.Settings(
-        mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max", warmup=spec.warmup,
-        capacity=question_weights(skill_of_point), bins=(4, 4), descriptor=mj.group_descriptor(skill_of_point),
-        population=spec.population, std_init=spec.std_init, template=models["base"],
-        groups=lm_analysis.transformer_unit, num_models=2, base=models["base"], magnitude_std=spec.magnitude_std,
-        task_vector_norm=spec.task_vector_norm)
-    algo, params = methods.make_method(MENU_NAMES.get(name, name), settings)
+        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max",
+                                  warmup=spec.warmup, capacity=question_weights(skill_of_point)),
+        task_vectors=methods.TaskVectorSettings(base=models["base"], groups=lm_analysis.transformer_unit,
+                                                magnitude_std=spec.magnitude_std,
+                                                task_vector_norm=spec.task_vector_norm),
+        map_elites=methods.MapElitesSettings(descriptor=mj.group_descriptor(skill_of_point), bins=(4, 4),
+                                             mutation_std=0.0),
+        merge_es=methods.MergeESSettings(template=models["base"], groups=lm_analysis.transformer_unit, num_models=2,
+                                         population=spec.population, std_init=spec.std_init))
+    algo, params = methods.make_method(name, settings)
     return algo, params, [models["base"], *pair] if name == "cma-es-task-arithmetic" else pair
 
 

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
 from lm_models import CACHE, PAIRS, Training  # noqa: E402
 from lm_protocol import METHODS  # noqa: E402
+from methods import method_name
 
 from m2n2_jax.tasks import skills  # noqa: E402
 
@@ -85,7 +86,7 @@ class Spec:
     out: str = flag("experiments/results/lm_skills", "output directory", result=False)
     pairs: tuple[str, ...] = flag(("a", "b"), "specialist pairs to run (a: the model flags below; b: lm_models.PAIRS)",
                                   nargs="+")
-    methods: tuple[str, ...] = flag(METHODS, "methods to run (default: all)", nargs="+")
+    methods: tuple[str, ...] = flag(METHODS, "methods to run (default: all)", nargs="+", type=method_name)
     skills: tuple[str, str] = flag(Training.specialists, "skills of specialist_a and specialist_b",
                                    choices=skills.SKILLS[:-1], nargs=2)
     archive_size: int = flag(15, "M2N2 archive size (paper: 15)", AT_LEAST_2)

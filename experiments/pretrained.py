@@ -1,13 +1,13 @@
-"""Merging two pre-trained specialists on digits (SPEC.md; the paper's right panel).
+"""Merging two pre-trained specialists on digits (docs/algorithm.md#pretrained; the paper's right panel).
 
     python experiments/pretrained.py --method m2n2 --runs 10 --forward-passes 10000 \
         --seed 42 --out experiments/results/pretrained
 
 The archive starts from the specialist on digits 0-4 and the one on 5-9
-(experiments/specialists.py, cached with orbax); no method mutates. `brute-force`
+(experiments/specialists.py, cached with orbax); no method mutates. `slerp-grid`
 scores --forward-passes evenly spaced slerp ratios between the two specialists (the
 ends are the specialists) and keeps the best on training data (identical in every run).
-`slerp-cma-es` is the paper's LLM baseline in miniature: CMA-ES over one slerp ratio
+`cma-es-slerp` is the paper's LLM baseline in miniature: CMA-ES over one slerp ratio
 per layer between the two specialists (2 coefficients; --population, --std-init).
 Writes OUT/METHOD.json with the fields of experiments/from_scratch.py. --dataset mnist
 (and --train-size) as there; the paper's starting models are 64-input, so MNIST needs
@@ -28,12 +28,12 @@ from specialists import CACHE, HALVES, label_accuracy, load_or_train  # noqa: E4
 
 from m2n2_jax.tasks import digits  # noqa: E402
 
-METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "brute-force", "slerp-cma-es")
+METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "slerp-grid", "cma-es-slerp")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained(Protocol):
-    train_steps: int = flag(10, "Adam steps of each specialist (SPEC: 10)", POSITIVE)
+    train_steps: int = flag(10, "Adam steps of each specialist (the paper: 10)", POSITIVE)
     specialist_init: str = flag("paper", "the paper's exact starting models, or a draw from --specialist-seed",
                                 choices=("paper", "key"))
     specialist_seed: int = flag(0, "seed of the specialists' starting models with --specialist-init key")

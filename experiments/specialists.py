@@ -1,4 +1,4 @@
-"""The two pre-trained specialists of SPEC.md: one trained on digits 0-4, one on 5-9.
+"""The two pre-trained specialists of docs/algorithm.md#pretrained: one trained on digits 0-4, one on 5-9.
 
 Each starts from N(0, 0.01^2) parameters and takes `steps` full-batch Adam steps
 (learning rate 3e-3, softmax cross-entropy over all 10 classes) on the training images
@@ -6,7 +6,7 @@ of its half. Trained once per (data, init, hidden, steps, lr) and cached with or
 under experiments/cache/, so every experiment reuses the same two models.
 
 Which N(0, 0.01^2) draw is used matters a lot for this task (docs/pretrained.md: the
-brute-force baseline ranges from 58 % to 72 % over starting points). `init="paper"`
+slerp-grid baseline ranges from 58 % to 72 % over starting points). `init="paper"`
 draws exactly the paper's starting vectors: flat normals from the legacy key
 PRNGKey(42) split in two, with JAX's earlier non-partitionable threefry, laid out as
 [W1 (64x256), b1, W2 (256x10), b2] like the paper's code (and like our MLP's ravel

@@ -15,6 +15,11 @@ task vector and w_i its weight. The equations are in docs/merge_ops.md.
 - `dare(key, base, models, weights, density)`: drop, rescale, task arithmetic
                                                or TIES's sign consensus        (Yu et al. 2024)
 
+`OPERATORS` names the five under one signature, for callers that pick one by name
+(`MergeES`, the experiments): OPERATORS[name](key, base, models, weights, *, density,
+scale, eps, convention), each interpolating from the base (zero weights) toward the
+models (the registry section below; `operator(name)` refuses unknown names).
+
 Names follow mergekit 0.1.5 (`weight`, `density` = the fraction KEPT, `normalize`,
 `lambda` = our `scale`, `rescale`, `t`); `sign_consensus=True` is its `dare_ties`.
 `convention` picks the rules where our earlier operators and mergekit differ; both
@@ -67,7 +72,7 @@ import jax.numpy as jnp
 
 from m2n2_jax import merge
 
-__all__ = ["dare", "linear", "slerp", "task_arithmetic", "ties"]
+__all__ = ["OPERATORS", "dare", "linear", "operator", "slerp", "task_arithmetic", "ties"]
 
 Convention = Literal["m2n2", "mergekit"]
 Rescale = Literal["inverse", "l1", "none"]
@@ -353,3 +358,70 @@ def _dare(base, models, weights, density, draw, rescale, sign_consensus, normali
                   for i in range(k)]
         out.append((o32 + s * _combine(deltas, w, normalize, sign_consensus, convention)).astype(o.dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+# --- The registry ----------------------------------------------------------------------
+#
+# Every operator under one signature, so that a caller (MergeES, the experiments' static
+# merges) picks one by name:
+#
+#     OPERATORS[name](key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6,
+#                     convention="m2n2") -> merged model (a pytree like base)
+#
+# key: a PRNG key (only dare draws from it); base: a pytree; models: a list of K >= 1
+# pytrees like it; weights: (K,) float, zero weights give the base (but for the sparse
+# operators' trims, which act on the task vectors); density: TIES / DARE's kept fraction
+# (scalar or (K,)); scale: the task-vector operators' lambda; eps: slerp's threshold;
+# convention: "m2n2" (our rules and defaults) or "mergekit" (mergekit 0.1.5's, DARE with
+# its "l1" rescale). An operator ignores the arguments it does not read.
+
+def _registry_linear(key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6, convention="m2n2"):
+    """(1 - sum_i w_i) base + sum_i w_i x_i: mergekit's `linear` over the base and the
+    models, weights (1 - sum_i w_i, w_1 .. w_K), not normalised. K = 1: (1 - w) base + w x."""
+    del key, density, scale, eps, convention
+    w = _per_model(weights, _num_models(models), "weights")
+    return linear([base, *models], jnp.concatenate([(1 - w.sum())[None], w]), normalize=False)
+
+
+def _registry_slerp(key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6, convention="m2n2"):
+    """slerp(base, x_1, t = w_1), one angle for the whole pytree (M2N2's); K must be 1."""
+    del key, density, scale, convention
+    if _num_models(models) != 1:
+        raise ValueError(f"slerp merges the base with one model (K = 1), got K = {len(models)}")
+    return slerp(base, models[0], _per_model(weights, 1, "weights")[0], eps=eps)
+
+
+def _registry_task_arithmetic(key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6, convention="m2n2"):
+    """base + scale sum_i w_i tau_i."""
+    del key, density, eps, convention
+    return task_arithmetic(base, models, weights, scale=scale)
+
+
+def _registry_ties(key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6, convention="m2n2"):
+    """TIES, normalised (both conventions' default)."""
+    del key, eps
+    return ties(base, models, weights, density, scale=scale, convention=convention)
+
+
+def _registry_dare(key, base, models, weights, *, density=1.0, scale=1.0, eps=1e-6, convention="m2n2"):
+    """DARE as task arithmetic (mergekit's dare_linear), rescaled by 1 / density under
+    "m2n2", by the l1 ratio under "mergekit" (each convention's default)."""
+    del eps
+    rescale = "inverse" if _choice(convention, _CONVENTIONS, "convention") == "m2n2" else "l1"
+    return dare(key, base, models, weights, density, rescale=rescale, scale=scale, convention=convention)
+
+
+OPERATORS = {  # name (mergekit's) -> op(key, base, models, weights, *, density, scale, eps, convention)
+    "linear": _registry_linear,
+    "slerp": _registry_slerp,
+    "task_arithmetic": _registry_task_arithmetic,
+    "ties": _registry_ties,
+    "dare": _registry_dare,
+}
+
+
+def operator(name: str):
+    """OPERATORS[name]; a ValueError naming the registry for any other name."""
+    if name not in OPERATORS:
+        raise ValueError(f"unknown merge operator {name!r}; choose one of {', '.join(OPERATORS)}")
+    return OPERATORS[name]

@@ -33,5 +33,11 @@ def seed_fn(key, n=2):
 
 
 KEYS = jax.vmap(jax.random.key)(jnp.arange(3))
-SETTINGS = methods.Settings(mutation_std=0.05, descriptor=group_descriptor(TRAIN[1] % 2), num_ratios=60,
-    template=init_model(jax.random.key(0)), population=4, std_init=0.3, groups=digits.layer_of)
+_TEMPLATE = init_model(jax.random.key(0))
+SETTINGS = methods.Settings(
+    m2n2=methods.M2N2Settings(mutation_std=0.05),
+    task_vectors=methods.TaskVectorSettings(groups=digits.layer_of),  # no base: tests that need one add it
+    map_elites=methods.MapElitesSettings(descriptor=group_descriptor(TRAIN[1] % 2), mutation_std=0.05),
+    slerp_grid=methods.SlerpGridSettings(num_ratios=60),
+    es=methods.ESSettings(template=_TEMPLATE, population=4, std_init=0.3),
+    merge_es=methods.MergeESSettings(template=_TEMPLATE, groups=digits.layer_of, population=4, std_init=0.3))

@@ -111,7 +111,7 @@ def test_evosax_starts_at_the_seeds_average_with_a_step_in_the_models_units():
     seeds = P.seed_fn(jax.random.key(3))
     state = ES.init(jax.random.key(0), seeds, jnp.zeros((2, 90)), params)
     average = jax.tree.map(lambda x: x.mean(0), seeds)
-    np.testing.assert_allclose(ES.es._unravel_solution(state.mean)[0].kernel, average[0].kernel, rtol=1e-6)
+    np.testing.assert_allclose(ES.unravel(state.mean)[0].kernel, average[0].kernel, rtol=1e-6)
 
 
 def test_a_budget_that_is_no_whole_generation_warns_with_what_is_spent():

@@ -245,7 +245,7 @@ def test_every_method_of_the_experiments_menu_is_a_registered_algorithm_that_kee
 
     import methods
 
-    settings = dataclasses.replace(P.SETTINGS, base=TEMPLATE)
+    settings = dataclasses.replace(P.SETTINGS, task_vectors=dataclasses.replace(P.SETTINGS.task_vectors, base=TEMPLATE))
     for method in methods.METHODS:
         algorithm, params = methods.make_method(method, settings)
         assert type(algorithm) in ALGORITHMS.values(), method

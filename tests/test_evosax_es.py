@@ -13,7 +13,7 @@ from methods import ES, make_method
 import m2n2_jax as mj
 
 CASES = {name: make_method(name, P.SETTINGS) for name in ES}  # population 4, std_init 0.3
-TEMPLATE = P.SETTINGS.template
+TEMPLATE = P.SETTINGS.es.template
 
 
 def flat(tree):

@@ -31,6 +31,8 @@ def test_from_scratch_writes_the_json_contract_and_plot_draws_it(tmp_path):
 
 BAD = [
     (["--method", "nope"], "invalid choice"),
+    (["--method", "brute-force"], "error: argument --method: method 'brute-force' is now called 'slerp-grid'"),
+    (["--method", "slerp-cma-es"], "method 'slerp-cma-es' is now called 'cma-es-slerp'"),
     (["--runs", "0"], "--runs must be > 0"),
     (["--runs", "-3"], "--runs must be > 0"),
     (["--forward-passes", "0"], "--forward-passes must be > 0"),

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import lm_models
+import lm_operators
 import lm_protocol
 import lm_skills
 import numpy as np
@@ -87,6 +88,7 @@ def test_mixture_argument_and_training_validation():
     (["--runs", "0"], "--runs must be > 0"),
     (["--forward-passes", "5"], "--forward-passes must be >= 3 seeds + --population (6)"),
     (["--methods", "m2n2", "cmaes"], "unknown --methods"),
+    (["--methods", "m2n2", "ta-cma-es"], "method 'ta-cma-es' is now called 'cma-es-task-arithmetic'"),
     (["--pairs", "z"], "unknown --methods / --pairs ['z']"),
     (["--train-questions", "1", "2", "3"], "one or two numbers"),
     (["--archive-size", "1"], "--archive-size must be >= 2"),
@@ -134,3 +136,11 @@ def test_question_weights_give_each_skill_an_equal_share():
     assert float(fn(a, None).max()) <= 1 and float(fn(b, None).mean()) > float(fn(a, None).mean())
     assert float(a.mean()) > float(b.mean())  # the counter-case
     np.testing.assert_allclose(float(fn(b, None).mean()), (1 / 3 + 1) / 2 / 2, rtol=1e-6)
+
+
+def test_the_operators_are_the_registrys_and_a_grid_must_name_one():
+    """The static operators are merge_ops.OPERATORS (its order) that have a grid here; a
+    grid keyed by any other name is refused."""
+    assert lm_protocol.OPERATORS == lm_operators.BASELINES == tuple(mj.merge_ops.OPERATORS)
+    with pytest.raises(ValueError, match=r"grids for \['avg'\], not merge operators; the registry: linear, slerp"):
+        lm_operators.checked_grids({"ties": {"density": (0.5,)}, "avg": {"weight": (0.5,)}})

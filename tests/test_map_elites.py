@@ -141,12 +141,12 @@ def test_a_stream_of_children_matches_numpy(seed):
     descriptor, 4 x 4 grid): the final grid equals the NumPy replay."""
     rng = np.random.default_rng(seed)
     algorithm = mj.MapElites(bins=4, mutation=False)
-    params = algorithm.default_params().replace(descriptor=P.SETTINGS.descriptor)
+    params = algorithm.default_params().replace(descriptor=P.SETTINGS.map_elites.descriptor)
     # per-model success rates spread the descriptors over the grid
     rate = rng.uniform(size=(80, 2))[:, P.TRAIN[1] % 2]
     scores = (rng.uniform(size=(80, 90)) < rate).astype(np.float32)
     # no descriptor on an interior bin edge (1/4, 1/2, 3/4), where float32 rounding decides the cell
-    descriptors = scores @ np.asarray(P.SETTINGS.descriptor, np.float64).T
+    descriptors = scores @ np.asarray(P.SETTINGS.map_elites.descriptor, np.float64).T
     inner = np.abs(descriptors * 4 - np.round(descriptors * 4)) + (descriptors == 0) + (descriptors == 1)
     scores = scores[inner.min(1) > 1e-4][:43]
     everyone = models(43, seed)
@@ -154,7 +154,7 @@ def test_a_stream_of_children_matches_numpy(seed):
     for i in range(3, 43):  # one child per tell: one small compiled program
         state = tell(algorithm, state, jax.tree.map(lambda x: x[i : i + 1], everyone), jnp.asarray(scores[i : i + 1]),
                      params)
-    cells = np_tell({}, scores, np.asarray(P.SETTINGS.descriptor, np.float64), 4)
+    cells = np_tell({}, scores, np.asarray(P.SETTINGS.map_elites.descriptor, np.float64), 4)
     np.testing.assert_array_equal(np.flatnonzero(state.occupied), sorted(cells))
     for c, (i, s) in cells.items():
         np.testing.assert_array_equal(state.scores[c], s)
@@ -162,7 +162,7 @@ def test_a_stream_of_children_matches_numpy(seed):
     # the stream did replace occupied cells (not only fill empty ones)
     first = {}
     for i, s in enumerate(scores):
-        first.setdefault(np_cell(np.asarray(P.SETTINGS.descriptor, np.float64) @ s, 4), i)
+        first.setdefault(np_cell(np.asarray(P.SETTINGS.map_elites.descriptor, np.float64) @ s, 4), i)
     replaced_occupied = sum(cells[c][0] != first[c] for c in cells)
     assert replaced_occupied >= 3 and len(cells) >= 5
 

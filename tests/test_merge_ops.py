@@ -561,3 +561,41 @@ def test_invalid_inputs_raise_clear_errors():
         merge_ops.dare(jax.random.key(0), base, [a, b], [1.0, 1.0], 0.5, rescale="l2")
     with pytest.raises(ValueError, match="tree structure"):
         merge_ops.slerp(a, {"tie": a["tie"]}, 0.5)
+
+
+# --- The registry ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_the_registry_calls_each_operator_with_its_documented_arguments(convention):
+    """OPERATORS[name](key, base, models, weights, *, density, scale, eps, convention) is
+    the operator itself: linear over the base and the models with weights (1 - sum w, w),
+    slerp from the base to the one model, task arithmetic, TIES, and DARE with each
+    convention's rescale; every operator returns the base at zero weights."""
+    base, a, b = model_set("k2")
+    key, w, d, s = jax.random.key(3), jnp.array([0.3, 0.6]), 0.4, 1.2
+    expected = {
+        "linear": merge_ops.linear([base, a, b], jnp.array([0.1, 0.3, 0.6]), normalize=False),
+        "task_arithmetic": merge_ops.task_arithmetic(base, [a, b], w, scale=s),
+        "ties": merge_ops.ties(base, [a, b], w, d, scale=s, convention=convention),
+        "dare": merge_ops.dare(key, base, [a, b], w, d, scale=s, convention=convention,
+                               rescale="inverse" if convention == "m2n2" else "l1"),
+    }
+    assert list(merge_ops.OPERATORS) == ["linear", "slerp", "task_arithmetic", "ties", "dare"]
+    for name, merged in expected.items():
+        out = merge_ops.OPERATORS[name](key, base, [a, b], w, density=d, scale=s, convention=convention)
+        chex.assert_trees_all_close(out, merged, atol=1e-6)
+        zero = merge_ops.OPERATORS[name](key, base, [a, b], jnp.zeros(2), density=1.0, convention=convention)
+        chex.assert_trees_all_close(zero, base, atol=1e-6)
+    slerp = merge_ops.OPERATORS["slerp"](key, base, [a], jnp.array([0.3]), eps=1e-4, convention=convention)
+    chex.assert_trees_all_close(slerp, merge_ops.slerp(base, a, 0.3, eps=1e-4), atol=1e-6)
+
+
+def test_the_registry_refuses_unknown_names_and_a_slerp_of_two_models():
+    base, a, b = model_set("k2")
+    with pytest.raises(ValueError, match="unknown merge operator 'avg'; choose one of linear, slerp, task_arithmetic"):
+        merge_ops.operator("avg")
+    assert merge_ops.operator("ties") is merge_ops.OPERATORS["ties"]
+    with pytest.raises(ValueError, match="K = 1"):
+        merge_ops.OPERATORS["slerp"](jax.random.key(0), base, [a, b], jnp.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="convention"):
+        merge_ops.OPERATORS["dare"](jax.random.key(0), base, [a, b], jnp.ones(2), convention="torch")

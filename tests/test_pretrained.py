@@ -41,13 +41,13 @@ def test_specialists_are_cached_and_reused(tmp_path):
 
 @pytest.mark.parametrize("method", pretrained.METHODS)
 def test_short_pretrained_run_of_every_method(tmp_path, method):
-    es = ["--population", "2", "--std-init", "0.2"] if method == "slerp-cma-es" else []  # 2 + 2k passes hit 20, 40
+    es = ["--population", "2", "--std-init", "0.2"] if method == "cma-es-slerp" else []  # 2 + 2k passes hit 20, 40
     record = pretrained.main(["--method", method, "--runs", "2", "--forward-passes", "40", "--log-every", "20",
                               "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--no-progress", *es])
     saved = json.loads((tmp_path / f"{method}.json").read_text())
     assert saved["method"] == method and saved["runs"] == 2 and saved["curve"]["forward_passes"] == [20, 40]
     assert saved["mutation_std"] == 0.0
-    if method == "brute-force":
+    if method == "slerp-grid":
         assert 0 <= saved["best_ratio"] <= 1 and saved["final_test_accuracy"][0] == saved["final_test_accuracy"][1]
     acc = np.asarray(record["final_test_accuracy"])
     assert acc.shape == (2,) and np.all((acc > 0.3) & (acc <= 1))

@@ -60,13 +60,15 @@ def base_run(budget=60, steps_per_call=58):
 
 @functools.cache
 def _run_method(method):
-    settings = dataclasses.replace(P.SETTINGS, bins=2) if method == "map-elites" else P.SETTINGS
+    settings = P.SETTINGS
+    if method == "map-elites":
+        settings = dataclasses.replace(settings, map_elites=dataclasses.replace(settings.map_elites, bins=2))
     algorithm, params = methods.make_method(method, settings)
     return algorithm, mj.run(algorithm, P.KEYS, P.score_fn, P.TRAIN, 60, params=params, seed_fn=P.seed_fn,
                              test_data=P.TEST, log_every=10, progress=False)
 
 
-OTHER_METHODS = ("map-elites", "brute-force", "sep-cma-es")
+OTHER_METHODS = ("map-elites", "slerp-grid", "sep-cma-es")
 BACKGROUND = {}  # method -> Future of _run_method, computed on a second thread
 
 
@@ -84,8 +86,8 @@ def compile_other_methods_on_a_second_thread(request):
     second core while the M2N2 tests run (only those that the selected tests need)."""
     selected = [item.nodeid for item in request.session.items if item.nodeid.startswith(request.node.nodeid)]
     needed = [m for m in OTHER_METHODS if any(f"[{m}-" in n for n in selected)]
-    if any("test_seed_fn_gives" in n for n in selected) and "brute-force" not in needed:
-        needed.append("brute-force")
+    if any("test_seed_fn_gives" in n for n in selected) and "slerp-grid" not in needed:
+        needed.append("slerp-grid")
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         BACKGROUND.update({m: executor.submit(_run_method, m) for m in needed})
         yield
@@ -318,7 +320,7 @@ def np_best_train(algorithm, state):
 METHOD_CASES = [
     ("m2n2", False),  # no: the best-train model can leave, fitness is resource-normalised
     ("map-elites", True),  # a filled cell only ever takes a strictly better model
-    ("brute-force", True),  # the best ratio so far
+    ("slerp-grid", True),  # the best ratio so far
     ("sep-cma-es", True),  # evosax's best-so-far
 ]
 
@@ -352,7 +354,7 @@ def test_evolution_improves_on_the_best_seed():
 
 
 def test_seed_fn_gives_every_run_its_own_seeds():
-    _, result = run_method("brute-force")  # its state keeps the two seeds
+    _, result = run_method("slerp-grid")  # its state keeps the two seeds
     init_keys = jax.vmap(lambda k: jax.random.split(k)[0])(P.KEYS)
     for r in range(3):
         assert_trees_equal(row(result.state.seeds, r), jax.jit(P.seed_fn)(init_keys[r]))

@@ -1,4 +1,4 @@
-"""The brute-force baseline (m2n2_jax.SlerpGrid) against a NumPy loop over the grid."""
+"""The slerp-grid baseline (m2n2_jax.SlerpGrid: brute force over one slerp ratio) against a NumPy loop over the grid."""
 
 import chex
 import jax
@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 import m2n2_jax as mj
 
 A, B = P.init_model(jax.random.key(21)), P.init_model(jax.random.key(22))
-GRID = mj.SlerpGrid(num_ratios=60)  # = make_method("brute-force", problems.SETTINGS)
+GRID = mj.SlerpGrid(num_ratios=60)  # = make_method("slerp-grid", problems.SETTINGS)
 
 
 def flat(tree):

@@ -14,11 +14,11 @@ from m2n2_jax.algorithms.slerp_grid import SlerpGrid
 
 ALGORITHMS = {  # name -> class
     "m2n2": M2N2,
-    "map_elites": MapElites,
-    "slerp_grid": SlerpGrid,
-    "evosax_es": EvosaxES,
-    "merge_es": MergeES,
-    "random_search": RandomSearch,
+    "map-elites": MapElites,
+    "slerp-grid": SlerpGrid,
+    "evosax-es": EvosaxES,
+    "merge-es": MergeES,
+    "random-search": RandomSearch,
 }
 
 __all__ = ["ALGORITHMS", "EvosaxES", "M2N2", "MapElites", "MergeES", "RandomSearch", "SlerpGrid"]

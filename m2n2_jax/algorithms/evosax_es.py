@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from m2n2_jax.base import Algorithm
 
@@ -61,11 +62,21 @@ class EvosaxES(Algorithm):
         algorithm = cls.for_model(Sep_CMA_ES, model, population_size=4)
         return algorithm, algorithm.default_params().replace(std_init=jnp.float32(0.3))
 
+    @property
+    def template(self):
+        """A model of zeros shaped like the solution."""
+        treedef, shapes = self.solution
+        return jax.tree.unflatten(treedef, [jnp.zeros(s.shape, s.dtype) for s in shapes])
+
     @functools.cached_property  # one strategy object per value: evosax jits with it as a static argument
     def es(self) -> Any:
-        treedef, shapes = self.solution
-        template = jax.tree.unflatten(treedef, [jnp.zeros(s.shape, s.dtype) for s in shapes])
-        return self.strategy(population_size=self.population_size, solution=template)
+        return self.strategy(population_size=self.population_size, solution=self.template)
+
+    @functools.cached_property
+    def unravel(self):
+        """A flat solution (D,) -> the model: the inverse of `ravel_pytree`, which is how
+        evosax flattens (its state's mean and best solution are flat)."""
+        return ravel_pytree(self.template)[1]
 
     def default_params(self):
         """evosax's params of the strategy with std_init = `STD_INIT` (module docstring)."""
@@ -81,7 +92,7 @@ class EvosaxES(Algorithm):
         mean = jax.tree.map(lambda x: x.mean(axis=0), seed_models)
         state = es.init(key, mean, params)
         best = jnp.argmax(seed_scores.mean(axis=1))
-        flat = jax.vmap(es._ravel_solution)(seed_models)[best]
+        flat = jax.vmap(lambda model: ravel_pytree(model)[0])(seed_models)[best]  # evosax's flat solution
         return state.replace(best_solution=flat, best_fitness=-seed_scores[best].mean())
 
     def ask(self, key, state, params):
@@ -93,4 +104,4 @@ class EvosaxES(Algorithm):
 
     def best(self, state, params):
         """The best solution found (by mean training score), as evosax tracks it."""
-        return self.es._unravel_solution(state.best_solution), -state.best_fitness
+        return self.unravel(state.best_solution), -state.best_fitness
