@@ -4,6 +4,8 @@ Memory: the stacked models hold N copies of the model (N * D * itemsize bytes) a
 scores N * M float32; insertion updates one slot in place. The models may live in host
 memory (`run(archive_memory="pinned_host")`): `get` then brings a slot to the device
 and `replace` writes one back, so algorithms built on these functions need no change.
+A recipe archive (`recipes` set) stores each slot as a recipe over S seed models
+(`m2n2_jax.recipes`): the seeds are the only models held, and `get` builds a slot's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from m2n2_jax import recipes as recipes_lib
+from m2n2_jax.recipes import Recipes
 from m2n2_jax.sharding import is_on_host, on_device
 
 
@@ -26,12 +30,15 @@ class Archive:
       occupied: bool (N,); empty slots are never parents and are replaced first.
       asked: int32 scalar, the number of children asked for so far (M2N2's warm-up
         counts them; one per ask unless `M2N2.population_size` > 1).
+      recipes: None, or the seeds and cut points of a recipe archive, whose `models`
+        are then the slots' recipes, float32 (N, G, C + 1, S) (`m2n2_jax.recipes`).
     """
 
     models: object
     scores: jax.Array
     occupied: jax.Array
     asked: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    recipes: Recipes | None = None
 
     @property
     def size(self) -> int:
@@ -49,13 +56,30 @@ def empty(template, num_slots: int, num_points: int) -> Archive:
     )
 
 
+def empty_recipes(seeds, num_slots: int, num_points: int, groups: tuple[int, ...], capacity: int) -> Archive:
+    """A recipe archive of `num_slots` empty slots over the stacked `seeds`, with room
+    for `capacity` cut points per group."""
+    recipes = recipes_lib.empty(seeds, groups, capacity)
+    return Archive(
+        models=jnp.zeros((num_slots,) + recipes.child.shape, jnp.float32),
+        scores=jnp.zeros((num_slots, num_points), jnp.float32),
+        occupied=jnp.zeros((num_slots,), bool),
+        asked=jnp.zeros((), jnp.int32),
+        recipes=recipes,
+    )
+
+
 def get(archive: Archive, index: jax.Array):
-    """The model in slot `index`, a pytree without the slot axis, in device memory."""
+    """The model in slot `index`, a pytree without the slot axis, in device memory
+    (built from its recipe in a recipe archive)."""
+    if archive.recipes is not None:
+        return archive.recipes.build(archive.models[index])
     return on_device(jax.tree.map(lambda p: p[index], archive.models))
 
 
 def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept: jax.Array) -> Archive:
-    """Write `model` and its `scores` into slot `index` if `accept`, else return as is.
+    """Write `model` (a recipe in a recipe archive) and its `scores` into slot `index`
+    if `accept`, else return as is.
 
     Only one slot is touched either way (a rejected write rewrites slot `index` with
     its own contents), so inside `lax.scan` the update happens in place.

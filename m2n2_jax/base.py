@@ -79,6 +79,12 @@ class Algorithm(abc.ABC):
         NumPy arrays there (per-run params carry a leading axis R). Default: no checks."""
         del params
 
+    def check_budget(self, num_children: int) -> None:
+        """Raise ValueError, naming the setting, where this algorithm cannot ask for
+        `num_children` children in all (a run's budget after the seeds). Called by `run`
+        on the host before any work. Default: any number."""
+        del num_children
+
     @classmethod
     def example(cls, model: PyTree, num_points: int) -> tuple[Algorithm, Params]:
         """A small working (algorithm, params) for models like `model` scored on

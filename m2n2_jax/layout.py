@@ -86,13 +86,20 @@ class Layout:
 
     def state_shardings(self, states):
         """NamedShardings of the runs' states (arrays or shapes, leading axis R): split
-        over "runs", stacked models over "model", an Archive's models in `archive_memory`."""
+        over "runs", stacked models over "model", an Archive's models (a recipe
+        archive's seeds) in `archive_memory`."""
         shardings = self.placement.shardings(states, ("runs",))
         if self.archive_memory == "device":
             return shardings
         host = lambda s: jax.tree.map(lambda x: x.with_memory_kind(self.archive_memory), s)
-        return jax.tree.map(lambda s: s.replace(models=host(s.models)) if isinstance(s, Archive) else s,
-                            shardings, is_leaf=lambda x: isinstance(x, Archive))
+
+        def place(s):  # the models of an archive, or the seeds of a recipe archive
+            if s.recipes is None:
+                return s.replace(models=host(s.models))
+            return s.replace(recipes=s.recipes.replace(seeds=host(s.recipes.seeds)))
+
+        return jax.tree.map(lambda s: place(s) if isinstance(s, Archive) else s, shardings,
+                            is_leaf=lambda x: isinstance(x, Archive))
 
     def place_state(self, states):
         """The runs' states as they live between calls (see `state_shardings`)."""

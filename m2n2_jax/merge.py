@@ -299,23 +299,34 @@ def split_point_slerp(
     if len(groups) != len(leaves_a):
         raise ValueError(f"groups names {len(groups)} leaves, the model has {len(leaves_a)}")
     num_groups = max(groups) + 1
-    ratio = jnp.asarray(ratio, jnp.float32).reshape(num_groups)
     hi, lo = split_words(split, num_groups)
-    coefficients = []
-    for g in range(num_groups):
-        members = [i for i, gi in enumerate(groups) if gi == g]
-        coefficients.append(slerp_coefficients(
-            [leaves_a[i] for i in members], [leaves_b[i] for i in members],
-            jnp.stack([ratio[g], 1.0 - ratio[g]]), eps, dot_threshold))
+    coefficients = split_coefficients(a, b, ratio, eps, dot_threshold, groups)
     out, offsets = [], [0] * num_groups
     for g, x, y in zip(groups, leaves_a, leaves_b):
-        (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients[g]
+        (ca_lo, ca_hi), (cb_lo, cb_hi) = coefficients[0][g], coefficients[1][g]
         before = before_split(x.shape, offsets[g], hi[g], lo[g])
         c_a = jnp.where(before, ca_lo, ca_hi)
         c_b = jnp.where(before, cb_lo, cb_hi)
         out.append((c_a * x.astype(jnp.float32) + c_b * y.astype(jnp.float32)).astype(x.dtype))
         offsets[g] += math.prod(x.shape)
     return jax.tree.unflatten(treedef, out)
+
+
+def split_coefficients(a: PyTree, b: PyTree, ratio: jax.Array, eps: float = 1e-6, dot_threshold: float = 1.0,
+                       groups: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(c_a, c_b), float32 (G, 2) each: the split-point slerp's coefficients of A and B
+    in each group g, before its split point ([g, 0], ratio w_g) and from it on ([g, 1],
+    ratio 1 - w_g), each group with its own angle."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    groups = (0,) * len(leaves_a) if groups is None else tuple(groups)
+    num_groups = max(groups) + 1
+    ratio = jnp.asarray(ratio, jnp.float32).reshape(num_groups)
+    pairs = []
+    for g in range(num_groups):
+        members = [i for i, gi in enumerate(groups) if gi == g]
+        pairs.append(slerp_coefficients([leaves_a[i] for i in members], [leaves_b[i] for i in members],
+                                        jnp.stack([ratio[g], 1.0 - ratio[g]]), eps, dot_threshold))
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
 def slerp(

@@ -221,6 +221,7 @@ def run(
     del one_run_seeds  # shapes only from here: a copy of a model held through the run is memory the steps need
     plan = schedule(num_seeds, algorithm.population_size, forward_passes, log_every, steps_per_call,
                     None if checkpoint is None else checkpoint.every)
+    algorithm.check_budget(plan.num_steps * algorithm.population_size)
     store = None if checkpoint is None else _store(checkpoint, layout, plan, forward_passes, log_every, run_keys,
                                                     data, params)
     params, seeds, data, test_data = layout.place(params, seeds, data, test_data)

@@ -21,10 +21,19 @@ import numpy as np
 from flax import struct
 
 from m2n2_jax import archive as archive_lib
+from m2n2_jax import recipes
 from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
-from m2n2_jax.merge import group_sizes, leaf_groups, random_split, slerp, split_point_slerp
+from m2n2_jax.merge import (
+    group_sizes,
+    leaf_groups,
+    random_split,
+    slerp,
+    split_coefficients,
+    split_point_slerp,
+    split_words,
+)
 from m2n2_jax.mutation import MUTATION_RNGS, gaussian_mutation
 from m2n2_jax.selection import proportional, sample, sample_parents
 from m2n2_jax.task_vectors import add_task_vector, rescale_groups, scale_groups, task_vector, union_norms
@@ -68,6 +77,7 @@ class Params:
 
 
 TASK_VECTOR_NORMS = ("merge", "union")
+ARCHIVES = ("models", "recipes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,13 @@ class M2N2(Algorithm):
         then told one after another. P > 1 shares a step's fixed work (fitness of
         the archive, the loop) among P children; the archive then changes only every
         P children (docs/throughput.md, "Children per step").
+      archive: "models" (each slot holds its model) or "recipes" (each slot holds its
+        recipe over the seeds, `m2n2_jax.recipes`; the seeds are the only models
+        kept: docs/recipes.md). Recipes need no mutation, no task vectors and one
+        child per step.
+      max_children: with recipes and a split point, the children a run may ask for
+        (each adds one cut point per group; static storage of that many cuts). `run`
+        refuses a budget above it; past it, a manual loop's children are NaN.
     """
 
     archive_size: int = 20
@@ -126,6 +143,8 @@ class M2N2(Algorithm):
     task_vector_norm: str = "merge"
     mutation_rng: str = "threefry2x32"
     population_size: int = 1
+    archive: str = "models"
+    max_children: int | None = None
 
     def __post_init__(self):
         if self.task_vector_norm not in TASK_VECTOR_NORMS:
@@ -140,6 +159,34 @@ class M2N2(Algorithm):
             raise ValueError(f"mutation_rng must be one of {MUTATION_RNGS}, got {self.mutation_rng!r}")
         if not isinstance(self.population_size, int) or self.population_size < 1:
             raise ValueError(f"population_size must be an int >= 1, got {self.population_size!r}")
+        if self.archive not in ARCHIVES:
+            raise ValueError(f"archive must be one of {ARCHIVES}, got {self.archive!r}")
+        if self.archive == "recipes":
+            self._check_recipes()
+
+    def _check_recipes(self) -> None:
+        """What a recipe archive cannot hold, refused by name (docs/recipes.md)."""
+        refused = {"mutation=True": self.mutation, "task_vectors=True": self.task_vectors,
+                   f"population_size={self.population_size}": self.population_size != 1}
+        for name, bad in refused.items():
+            if bad:
+                raise ValueError(f"M2N2(archive='recipes') does not support {name}: mutation noise and task-vector "
+                                 "magnitudes leave the seeds' span, and a recipe archive tells one child per step")
+        if self.split_point and self.crossover and (
+                not isinstance(self.max_children, int) or self.max_children < 1):
+            raise ValueError("M2N2(archive='recipes') with a split point needs max_children, an int >= 1: the "
+                             f"children a run may ask for (each stores one cut point per group), got "
+                             f"{self.max_children!r}")
+
+    @property
+    def cut_capacity(self) -> int:
+        """C, the cut points a recipe archive stores per group (0 without split points)."""
+        return self.max_children if self.split_point and self.crossover else 0
+
+    def check_budget(self, num_children: int) -> None:
+        if self.archive == "recipes" and self.cut_capacity and num_children > self.cut_capacity:
+            raise ValueError(f"M2N2.max_children = {self.max_children} is below the {num_children} children this "
+                             "budget asks for: a recipe archive stores one cut point per child and group; raise it")
 
     @classmethod
     def example(cls, model, num_points: int):
@@ -180,6 +227,12 @@ class M2N2(Algorithm):
             raise ValueError(f"Params.capacity must have shape ({m},), one per datapoint, "
                              f"got {jnp.shape(params.capacity)}")
         template = jax.tree.map(lambda x: x[0], seed_models)
+        if self.archive == "recipes":
+            groups = leaf_groups(template, self.groups)
+            state = archive_lib.empty_recipes(seed_models, self.archive_size, m, groups, self.cut_capacity)
+            seeds = jax.vmap(lambda i: recipes.seed_recipe(i, num_seeds, max(groups) + 1, self.cut_capacity))(
+                jnp.arange(num_seeds))
+            return archive_lib.insert_each(state, seeds, seed_scores, lambda s, c, x: self.insert(s, c, x, params)[0])
         if self.task_vectors:
             if params.base is None:
                 raise ValueError("M2N2(task_vectors=True) needs Params.base, the common base model")
@@ -198,6 +251,9 @@ class M2N2(Algorithm):
         uniformly among the occupied slots, distinct when two or more are occupied.
         """
         p = self.population_size
+        if self.archive == "recipes":
+            child, state = self.recipe_child(key, state, params)
+            return jax.tree.map(lambda x: x[None], child), state.replace(asked=state.asked + 1)
         if p == 1:
             children = jax.tree.map(lambda x: x[None], self.child(key, state, state.asked, params))
         else:
@@ -208,11 +264,9 @@ class M2N2(Algorithm):
     def child(self, key, state: Archive, asked, params: Params):
         """One child (unstacked) of the archive `state`; `asked` is its warm-up count."""
         key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
-        per_point, fitness = self.fitness(state.scores, state.occupied, params)
+        _, fitness = self.fitness(state.scores, state.occupied, params)
         if self.crossover:
-            a, b = sample_parents(key_parents, per_point, fitness, state.occupied, self.attraction)
-            a, b = jax.lax.cond(asked < params.warmup, lambda: uniform_pair(key_parents, state.occupied),
-                                lambda: (a, b))  # a branch: no cost after warm-up (unless vmapped)
+            a, b = self.parents(key_parents, state, asked, params)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
             if self.task_vectors:
                 parent_a, parent_b = task_vector(parent_a, params.base), task_vector(parent_b, params.base)
@@ -232,6 +286,45 @@ class M2N2(Algorithm):
             child = gaussian_mutation(key_noise, child, params.mutation_std, self.mutation_rng)
         return child
 
+    def recipe_child(self, key, state: Archive, params: Params):
+        """(child, state) of a recipe archive: the parents drawn as `child` draws them
+        and built from their recipes, the child's recipe their merge's coefficients on
+        every segment (the new split point inserted as each group's cut), kept in
+        `state.recipes.child` for `tell`, and the child built from it."""
+        key_parents, key_ratio, key_split, _ = jax.random.split(key, 4)
+        book = state.recipes
+        _, fitness = self.fitness(state.scores, state.occupied, params)
+        if not self.crossover:
+            recipe = state.models[sample(key_parents, proportional(fitness, state.occupied))]
+            return book.build(recipe), state.replace(recipes=book.replace(child=recipe))
+        a, b = self.parents(key_parents, state, state.asked, params)
+        parent_a, parent_b = book.build(state.models[a]), book.build(state.models[b])
+        groups = book.groups
+        sizes = group_sizes(parent_a, groups)
+        shape = () if self.groups is None else (len(sizes),)
+        ratio = jax.random.uniform(key_ratio, shape)
+        c_a, c_b = split_coefficients(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold,
+                                      groups)
+        models, cuts, position = state.models, book.cuts, None
+        if self.split_point:
+            hi, lo = split_words(random_split(key_split, sizes, shape), len(sizes))
+            cuts, position, full = recipes.insert_cuts(book.cuts, hi, lo)
+            models = recipes.split_segments(models, position)
+        else:
+            c_a, c_b = c_a[:, 0], c_b[:, 0]
+        recipe = recipes.child_recipe(models[a], models[b], c_a, c_b, position)
+        if self.split_point:  # past max_children: a NaN child, never a silent approximation
+            recipe = jnp.where(full.any(), jnp.nan, recipe)
+        book = book.replace(cuts=cuts, child=recipe)
+        return book.build(recipe), state.replace(models=models, recipes=book)
+
+    def parents(self, key, state: Archive, asked, params: Params):
+        """Slots (a, b) of the child counted `asked`: by fitness and attraction, uniform
+        while asked < warm-up (a branch: no cost after warm-up, unless vmapped)."""
+        per_point, fitness = self.fitness(state.scores, state.occupied, params)
+        a, b = sample_parents(key, per_point, fitness, state.occupied, self.attraction)
+        return jax.lax.cond(asked < params.warmup, lambda: uniform_pair(key, state.occupied), lambda: (a, b))
+
     def merge(self, key_ratio, key_split, parent_a, parent_b, params: Params):
         """The split-point slerp (or plain slerp) of two parents with w ~ U(0, 1) and
         k ~ U{0, .., D - 1}, one of each per parameter group."""
@@ -246,8 +339,11 @@ class M2N2(Algorithm):
                                  groups)
 
     def tell(self, key, state: Archive, children, scores, params: Params) -> Archive:
-        """Each child in turn competes with the N archive models; the lowest fitness leaves."""
+        """Each child in turn competes with the N archive models; the lowest fitness leaves
+        (in a recipe archive, the recipe of the child last asked for competes)."""
         del key
+        if self.archive == "recipes":
+            children = state.recipes.child[None]
         return archive_lib.insert_each(state, children, scores, lambda s, c, x: self.insert(s, c, x, params)[0])
 
     def insert(self, state: Archive, child, child_scores, params: Params) -> tuple[Archive, jax.Array]:
