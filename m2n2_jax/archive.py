@@ -123,6 +123,23 @@ def best(archive: Archive):
     return get(archive, index), means[index]
 
 
+def without_seeds(state):
+    """`state` with the seeds of every recipe archive in it left out (None): what a
+    checkpoint saves, since a run has its seeds already (`with_seeds` puts them back)."""
+    drop = lambda s: s.replace(recipes=s.recipes.replace(seeds=None)) if _has_recipes(s) else s
+    return jax.tree.map(drop, state, is_leaf=lambda x: isinstance(x, Archive))
+
+
+def with_seeds(state, seeded):
+    """`state` (from `without_seeds`) with the seeds of `seeded`, a state like it, back in."""
+    put = lambda s, t: s.replace(recipes=s.recipes.replace(seeds=t.recipes.seeds)) if _has_recipes(s) else s
+    return jax.tree.map(put, state, seeded, is_leaf=lambda x: isinstance(x, Archive))
+
+
+def _has_recipes(node) -> bool:
+    return isinstance(node, Archive) and node.recipes is not None
+
+
 def insert_each(archive: Archive, models, scores: jax.Array, insert) -> Archive:
     """`insert(archive, model, scores (M,)) -> archive` applied to each of P stacked
     candidates in turn; checks at trace time that `scores` is (P, M) and the models are

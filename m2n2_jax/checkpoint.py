@@ -1,8 +1,9 @@
 """Checkpoint and resume a run with orbax-checkpoint: atomic, no pickle.
 
 A checkpoint after `steps` steps holds the full run state:
-  state: every run's algorithm state (archive params, scores, occupancy), as placed
-    on the devices (orbax saves sharded arrays, also across hosts);
+  state: every run's algorithm state (archive models, scores, occupancy), as placed
+    on the devices (orbax saves sharded arrays, also across hosts); a recipe
+    archive's seeds are left out (the run has them; meta holds each one's digest);
   logs: the runs' key data (R, ...) and the logged metrics so far, each (R, steps + 1),
     NaN where nothing was logged, and wall stamps (steps + 1,);
   meta (JSON): what must match to resume (budget, runs, seeds, log_every, the state's
@@ -24,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from m2n2_jax.archive import with_seeds, without_seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +120,7 @@ class Store:
                 "metrics": {k: np.asarray(v) for k, v in metrics.items()},
                 "wall": np.asarray(stamps)}
         self.manager.save(passes, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), logs=ocp.args.StandardSave(logs),
+            state=ocp.args.StandardSave(without_seeds(state)), logs=ocp.args.StandardSave(logs),
             meta=ocp.args.JsonSave(self.meta)))
         self.manager.wait_until_finished()
 
@@ -143,7 +146,8 @@ class Store:
         logs_template = {"keys": key_data,
                          "metrics": {k: np.zeros((key_data.shape[0], num_logged), np.float32) for k in metric_names},
                          "wall": np.zeros((num_logged,), np.float64)}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template_state)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                without_seeds(template_state))
         try:
             restored = self.manager.restore(passes, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), logs=ocp.args.StandardRestore(logs_template)))
@@ -153,4 +157,4 @@ class Store:
         if not np.array_equal(np.asarray(logs["keys"]), key_data):
             raise ValueError(f"checkpoint {where} was made with other PRNG keys (seeds) than this run")
         metrics = {k: np.asarray(v) for k, v in logs["metrics"].items()}
-        return restored["state"], metrics, np.asarray(logs["wall"])
+        return with_seeds(restored["state"], template_state), metrics, np.asarray(logs["wall"])

@@ -17,13 +17,17 @@ a sentinel past every coordinate, so their segments are empty.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from m2n2_jax.merge import leaf_split
+from m2n2_jax.merge import WORD, leaf_path, leaf_split
 from m2n2_jax.sharding import on_device
 
 SENTINEL = 2**31 - 1
@@ -170,3 +174,93 @@ def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: 
     fixed = combine(recipe[segment], seeds[:, at])
     leaf = leaf.at[jnp.where(crossed, row, rows)].set(fixed, mode="drop")
     return leaf.reshape(shape).astype(stacked.dtype)
+
+
+FORMAT = "m2n2_jax.recipe/1"
+
+
+def digest(model) -> str:
+    """sha256 of a model's leaves (their paths, shapes, dtypes and bytes), hex."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
+        leaf = np.asarray(leaf)
+        h.update(f"{leaf_path(path)}{leaf.shape}{leaf.dtype}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def to_json(book: Recipes, recipe, names: Sequence[str] | None = None) -> dict:
+    """A recipe as plain JSON: for each leaf, the ranges of its flat (C-order)
+    coordinates [start, end) and each range's seed coefficients, adjacent ranges with
+    equal coefficients joined; the seeds named (`names`, e.g. their paths) and digested.
+    `from_json` rebuilds the model from it and the seeds bit for bit.
+
+    Args:
+      book: one run's `Recipes` (no run axis), e.g. `state.recipes` of a recipe archive.
+      recipe: float32 (G, C + 1, S), e.g. `state.models[i]`.
+    """
+    seeds, cuts, recipe = book.seeds, np.asarray(book.cuts, np.int64), np.asarray(recipe, np.float32)
+    num_seeds = recipe.shape[-1]
+    names = [f"seed {i}" for i in range(num_seeds)] if names is None else list(names)
+    if len(names) != num_seeds:
+        raise ValueError(f"{len(names)} names for {num_seeds} seeds")
+    lists = [[int(hi) * WORD + int(lo) for hi, lo in group if hi != SENTINEL] for group in cuts]
+    leaves, offsets = [], [0] * len(lists)
+    for g, (path, stacked) in zip(book.groups, jax.tree_util.tree_flatten_with_path(seeds)[0]):
+        size, start = math.prod(stacked.shape[1:]), offsets[g]
+        bounds = [start] + [k for k in lists[g] if start < k < start + size] + [start + size]
+        ranges = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            if lo == hi:  # between two equal cuts
+                continue
+            coefficients = [float(c) for c in recipe[g, bisect.bisect_right(lists[g], lo)]]
+            if ranges and ranges[-1][2] == coefficients:
+                ranges[-1][1] = hi - start
+            else:
+                ranges.append([lo - start, hi - start, coefficients])
+        leaves.append({"path": leaf_path(path), "shape": list(stacked.shape[1:]), "dtype": str(stacked.dtype),
+                       "group": g, "ranges": ranges})
+        offsets[g] += size
+    return {"format": FORMAT, "seeds": [{"name": n, "sha256": digest(jax.tree.map(lambda x: x[i], seeds))}
+                                        for i, n in enumerate(names)], "leaves": leaves}
+
+
+def from_json(recipe: dict, seed_models: Sequence):
+    """The model of a `to_json` recipe, built from `seed_models` (in the recipe's order)
+    by `build`, bit for bit the model the run returned.
+
+    Raises:
+      ValueError: another format, another number of seeds, a seed whose digest differs
+      (named), or leaves that differ from the seeds' (named).
+    """
+    if recipe.get("format") != FORMAT:
+        raise ValueError(f"not a recipe of format {FORMAT!r}: {recipe.get('format')!r}")
+    if len(seed_models) != len(recipe["seeds"]):
+        raise ValueError(f"the recipe merges {len(recipe['seeds'])} seeds, got {len(seed_models)} models")
+    for seed, model in zip(recipe["seeds"], seed_models):
+        if digest(model) != seed["sha256"]:
+            raise ValueError(f"seed {seed['name']!r}: the model given differs from the one the recipe was made "
+                             f"from (sha256 {digest(model)[:12]}... vs {seed['sha256'][:12]}...)")
+    seeds = jax.tree.map(lambda *x: jnp.stack(x), *seed_models)
+    paths = [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(seed_models[0])[0]]
+    if paths != [leaf["path"] for leaf in recipe["leaves"]]:
+        raise ValueError(f"the seeds' leaves {paths[:3]}... are not the recipe's "
+                         f"{[leaf['path'] for leaf in recipe['leaves']][:3]}...")
+    groups = tuple(leaf["group"] for leaf in recipe["leaves"])
+    starts, pieces, offsets = [[] for _ in range(max(groups) + 1)], [[] for _ in range(max(groups) + 1)], \
+        [0] * (max(groups) + 1)
+    for leaf in recipe["leaves"]:
+        g = leaf["group"]
+        for lo, _, coefficients in leaf["ranges"]:
+            starts[g].append(offsets[g] + lo)
+            pieces[g].append(coefficients)
+        offsets[g] += math.prod(leaf["shape"])
+    capacity = max(len(s) - 1 for s in starts)
+    cuts = np.zeros((len(starts), capacity, 2), np.int32)
+    cuts[..., 0] = SENTINEL
+    table = np.zeros((len(starts), capacity + 1, len(seed_models)), np.float32)
+    for g in range(len(starts)):
+        for i, k in enumerate(starts[g][1:]):
+            cuts[g, i] = divmod(k, WORD)
+        table[g, : len(pieces[g])] = pieces[g]
+    return jax.jit(build, static_argnums=3)(seeds, jnp.asarray(cuts), jnp.asarray(table), groups)

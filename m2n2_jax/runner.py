@@ -223,7 +223,7 @@ def run(
                     None if checkpoint is None else checkpoint.every)
     algorithm.check_budget(plan.num_steps * algorithm.population_size)
     store = None if checkpoint is None else _store(checkpoint, layout, plan, forward_passes, log_every, run_keys,
-                                                    data, params)
+                                                    data, params, seeds)
     params, seeds, data, test_data = layout.place(params, seeds, data, test_data)
     # Start or resume, then loop over compiled calls.
     state, log, done, saved = _start_or_resume(layout, plan, store, seeds, init_keys, run_keys, params, data,
@@ -258,9 +258,10 @@ def _check_arguments(algorithm, key, params, data, test_data, **settings):
 
 
 def _store(checkpoint: Checkpointing, layout: Layout, plan: Schedule, forward_passes: int, log_every: int,
-           run_keys, data, params) -> Store:
+           run_keys, data, params, seeds) -> Store:
     """The run's checkpoint store; its metadata (digests of the host values, before
-    placing) must match for a resume."""
+    placing: of each shared seed too, so a resume names the seed that differs) must
+    match for a resume."""
     if layout.per_run:
         params = jax.tree.map(lambda x: pad_runs(x, layout.padded_runs), params)
     return Store(checkpoint, {
@@ -269,6 +270,8 @@ def _store(checkpoint: Checkpointing, layout: Layout, plan: Schedule, forward_pa
         "num_runs": int(layout.num_runs), "num_seeds": int(plan.num_seeds), "log_every": log_every,
         "runs_padded_to": int(run_keys.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
         "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(layout.model)],
+        "seeds": {f"model {i}": _digest(jax.tree.map(lambda x: x[i], seeds)) for i in range(plan.num_seeds)}
+        if layout.shared else "drawn by seed_fn from the keys",
         "score_fn": _qualified_name(layout.score_fn),
     })
 

@@ -2,6 +2,7 @@
 against NumPy references, and runs equal to the model archive's."""
 
 import bisect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +232,50 @@ def test_the_returned_model_is_its_recipe_built_bit_for_bit():
         for x, y in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(result.best_models)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[r])
     assert state.recipes.groups == leaf_groups(SEEDS[0], digits.layer_of)
+
+
+def _dir_bytes(path) -> int:
+    import os
+
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_a_recipe_checkpoint_holds_no_seed_resumes_bit_for_bit_and_refuses_other_seeds(tmp_path):
+    wide = [digits.mlp_from_flat(jax.random.normal(jax.random.key(i), (P.D,)), P.SIZES) for i in range(3)]
+    kw = dict(seed_models=wide, test_data=P.TEST, log_every=20, progress=False, steps_per_call=20)
+    sizes = {}
+    for archive in ("models", "recipes"):
+        algo = mj.M2N2(archive_size=6, mutation=False, archive=archive, max_children=60)
+        full = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63, **kw)
+        where = tmp_path / archive
+        part = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63, checkpoint=mj.Checkpointing(str(where), every=20),
+                      time_limit=1e-9, **kw)
+        assert part.stopped_by_time_limit and part.passes[-1] == 23
+        sizes[archive] = _dir_bytes(where)
+        resumed = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63,
+                         checkpoint=mj.Checkpointing(str(where), every=20, resume=True), **kw)
+        for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(full.test_score, resumed.test_score)
+    other = wide[:2] + [SEEDS[2]]
+    with pytest.raises(ValueError, match="seeds model 2: checkpoint"):
+        mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63, **{**kw, "seed_models": other},
+               checkpoint=mj.Checkpointing(str(tmp_path / "recipes"), every=20, resume=True))
+    # 6 models of 8 -> 16 -> 4 in the archive against 3 seeds left out and 6 recipes.
+    assert sizes["recipes"] < sizes["models"] - 6 * P.D * 4 // 2
+
+
+def test_a_recipe_as_json_rebuilds_the_returned_model_bit_for_bit_and_names_a_wrong_seed():
+    algo = mj.M2N2(archive_size=6, mutation=False, archive="recipes", max_children=60, groups=digits.layer_of)
+    result = mj.run(algo, P.KEYS[:1], P.score_fn, P.TRAIN, 63, seed_models=SEEDS, progress=False)
+    state = jax.tree.map(lambda x: x[0], result.state)
+    best = int(np.argmax(np.where(state.occupied, state.scores.mean(1), -np.inf)))
+    recipe = json.loads(json.dumps(recipes.to_json(state.recipes, state.models[best], ["a", "b", "c"])))
+    assert [s["name"] for s in recipe["seeds"]] == ["a", "b", "c"]
+    kernel = recipe["leaves"][0]
+    assert kernel["path"] == "0/kernel" and kernel["ranges"][0][0] == 0 and kernel["ranges"][-1][1] == 8 * 16
+    rebuilt = recipes.from_json(recipe, SEEDS)
+    for x, y in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(result.best_models)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[0])
+    with pytest.raises(ValueError, match="seed 'b': the model given differs"):
+        recipes.from_json(recipe, [SEEDS[0], SEEDS[2], SEEDS[1]])
