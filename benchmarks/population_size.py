@@ -29,17 +29,17 @@ import os
 if not __package__:  # run as a file: the imports below need the repository root on the path
     raise SystemExit("run from the repository root as a module: python -m benchmarks.population_size")
 
-from experiments import harness  # noqa: E402
+from experiments import harness
 
 harness.use_cpu_devices()
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-import m2n2_jax as mj  # noqa: E402
-from experiments import methods  # noqa: E402
-from m2n2_jax.mutation import MUTATION_RNGS  # noqa: E402
-from m2n2_jax.tasks import digits  # noqa: E402
+import m2n2_jax as mj
+from experiments import methods
+from m2n2_jax.mutation import MUTATION_RNGS
+from m2n2_jax.tasks import digits
 
 score_fn = digits.classification_scores  # one object: equal algorithms share compiled programs
 

@@ -38,19 +38,19 @@ import time
 if not __package__:  # run as a file: the imports below need the repository root on the path
     raise SystemExit("run from the repository root as a module: python -m benchmarks.throughput")
 
-from experiments import harness  # noqa: E402
+from experiments import harness
 
 harness.use_cpu_devices()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, PartitionSpec  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
-import m2n2_jax as mj  # noqa: E402
-from benchmarks.naive_m2n2 import naive_run  # noqa: E402
-from m2n2_jax.mutation import MUTATION_RNGS  # noqa: E402
-from m2n2_jax.tasks import digits  # noqa: E402
+import m2n2_jax as mj
+from benchmarks.naive_m2n2 import naive_run
+from m2n2_jax.mutation import MUTATION_RNGS
+from m2n2_jax.tasks import digits
 
 AXES = ("runs", "data")
 score_fn = digits.classification_scores  # one object: equal algorithms then share compiled programs

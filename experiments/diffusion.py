@@ -22,22 +22,28 @@ or failed run writes nothing.
 
 from __future__ import annotations
 
-import harness
+import dataclasses
+import os
+import sys
+import time
+
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
 
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
+import jax
+import numpy as np
 
-import diffusion_protocol as dp  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from diffusion_models import CACHE, Training  # noqa: E402
-from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
-from methods import method_name
-
-from m2n2_jax.tasks import captions  # noqa: E402
+from experiments import diffusion_protocol as dp
+from experiments.diffusion_models import CACHE, Training
+from experiments.harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from experiments.methods import method_name
+from m2n2_jax.tasks import captions
 
 MODEL = "model / training (experiments/diffusion_models.py)"
 

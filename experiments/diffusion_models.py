@@ -25,12 +25,12 @@ import dataclasses
 import os
 import time
 
-import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import harness
 from m2n2_jax.merge import leaf_path
 from m2n2_jax.tasks import captions
 from m2n2_jax.tasks.diffusion import Classifier, Denoiser, TextEncoder, conditioning_group, loss, to_unit

@@ -31,15 +31,13 @@ import functools
 import itertools
 from collections.abc import Callable
 
-import diffusion_models
-import harness
 import jax
 import jax.numpy as jnp
-import methods
 import numpy as np
 from jax.sharding import Mesh
 
 import m2n2_jax as mj
+from experiments import diffusion_models, harness, methods
 from m2n2_jax import merge_ops
 from m2n2_jax.sharding import AXES, runs_axis_size
 from m2n2_jax.tasks import captions, digits

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import harness
 import jax
-import methods
-from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
-from mnist_data import DATA_DIR
 
 import m2n2_jax as mj
+from experiments import harness, methods
+from experiments.harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from experiments.mnist_data import DATA_DIR
 from m2n2_jax.tasks import digits, mnist
 
 INPUTS = {"digits": digits.INPUTS, "mnist": mnist.INPUTS}
@@ -106,7 +105,7 @@ def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, se
     template = digits.init_mlp(jax.random.key(0), spec.hidden, inputs=train[0].shape[1])
     settings = methods.Settings(
         m2n2=methods.M2N2Settings(mutation_std=spec.mutation_std, archive_size=spec.archive_size),
-        map_elites=methods.MapElitesSettings(descriptor=mj.group_descriptor(digits.parity_groups(train[1])),
+        map_elites=methods.MapElitesSettings(descriptor=mj.label_descriptor(digits.parity_labels(train[1])),
                                              mutation_std=spec.mutation_std),
         slerp_grid=methods.SlerpGridSettings(num_ratios=spec.forward_passes),
         es=methods.ESSettings(template=template, population=spec.population, std_init=spec.std_init),

@@ -9,8 +9,14 @@ shared_conditioning.log. Run from the repository root:
 """
 import dataclasses
 import os
+import sys
 
-import diffusion  # (sets the CPU devices)
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import diffusion  # (sets the CPU devices)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "diffusion", "explorations",
                    "shared_conditioning")

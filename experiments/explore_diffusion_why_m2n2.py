@@ -14,17 +14,26 @@ experiments/results/diffusion/explorations/why_m2n2.log. Run from the repository
    EN seeds are left in the first 20 passes; then, every 40 passes, distinct members,
    their mean pairwise distance, and the best and worst training similarity.
 """
-import harness
+import os
+import sys
+
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
-import diffusion  # noqa: E402
-import diffusion_protocol as dp  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-import m2n2_jax as mj  # noqa: E402
-from m2n2_jax.tasks import diffusion as df  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import m2n2_jax as mj
+from experiments import diffusion
+from experiments import diffusion_protocol as dp
+from m2n2_jax.tasks import diffusion as df
 
 spec = harness.parse(diffusion.Spec, "", ["--no-progress"])
 p = dp.prepare(spec)

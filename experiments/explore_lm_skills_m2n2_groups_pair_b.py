@@ -8,15 +8,22 @@ is kept in experiments/results/lm_skills/explorations/m2n2_groups_pair_b.log
     python experiments/explore_lm_skills_m2n2_groups_pair_b.py
 """
 import dataclasses
+import os
+import sys
 import time
 
-import harness
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
-import lm_analysis  # noqa: E402
-import lm_protocol  # noqa: E402
-import lm_skills  # noqa: E402
-import numpy as np  # noqa: E402
+
+import numpy as np
+
+from experiments import lm_analysis, lm_protocol, lm_skills
 
 spec = lm_skills.Spec(pairs=("b",))
 p = lm_protocol.prepare(spec.training()["b"], spec)

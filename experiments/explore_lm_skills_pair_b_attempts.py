@@ -16,23 +16,27 @@ questions, 500 test questions per skill, as `lm_analysis.skill_sets` draws them)
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
+import sys
+import time
 
-import harness
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices()
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import jax
 
-import jax  # noqa: E402
-import lm_analysis  # noqa: E402
-import lm_models  # noqa: E402
-
-from m2n2_jax.tasks import skills  # noqa: E402
-from m2n2_jax.tasks.transformer import decoded_scores  # noqa: E402
+from experiments import lm_analysis, lm_models
+from m2n2_jax.tasks import skills
+from m2n2_jax.tasks.transformer import decoded_scores
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lm_skills", "explorations",
                    "pair_b_attempts.json")

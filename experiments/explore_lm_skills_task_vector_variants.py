@@ -12,22 +12,26 @@ params (then `mj.Params`, now `mj.M2N2Params`; a share of children that rescale 
 A's task vector instead of merging), an option removed after these runs; with the
 current library they fail (the other variants run).
 """
+import os
 import sys
 import time
 
-import harness
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
 
 import jax
 import jax.numpy as jnp
-import lm_analysis
-import lm_protocol
-import lm_skills
 import numpy as np
-from lm_models import load_or_train, make_model
 
 import m2n2_jax as mj
+from experiments import lm_analysis, lm_protocol, lm_skills
+from experiments.lm_models import load_or_train, make_model
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 

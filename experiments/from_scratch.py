@@ -22,15 +22,23 @@ Any run can be checkpointed and resumed (orbax, atomic, no pickle):
 
 from __future__ import annotations
 
-import harness
+import os
+import sys
+
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices()
 
-import jax  # noqa: E402
-import methods  # noqa: E402
-from digits_protocol import Protocol, check_cma_es_memory, evolve, load_data  # noqa: E402
+import jax
 
-from m2n2_jax.tasks import digits  # noqa: E402
+from experiments import methods
+from experiments.digits_protocol import Protocol, check_cma_es_memory, evolve, load_data
+from m2n2_jax.tasks import digits
 
 METHODS = tuple(m for m in methods.METHODS if m not in ("slerp-grid", methods.TASK_VECTORS))
 

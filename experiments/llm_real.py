@@ -27,12 +27,17 @@ import os
 import sys
 import time
 
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
-from methods import method_name
 
+from experiments.harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from experiments.methods import method_name
 from m2n2_jax.tasks import llama, llama_decode, llama_load
 
 SPECIALISTS = "experiments/results/llm_real/specialists"
@@ -49,7 +54,7 @@ def base_model():
 def skill_scores(model, tokenizer, source: str, count: int, seed: int, skills=None) -> dict:
     """{skill: (question batch, ...)} -> a function params -> {skill: accuracy} on
     `count` questions per skill of `source` (exact match of the greedy answer)."""
-    import llm_real_data
+    from experiments import llm_real_data
 
     score = jax.jit(llama_decode.exact_match_scores(model, [STOP], PAD))
     batches = {s: llama_decode.answer_batch(*llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count,
@@ -86,7 +91,7 @@ def nll(argv) -> float:
 
 
 def train(argv) -> dict:
-    import llm_real_train
+    from experiments import llm_real_train
 
     parser = argparse.ArgumentParser(prog="llm_real.py train", description=llm_real_train.__doc__.split("\n")[0])
     parser.add_argument("--skill", required=True, choices=("arithmetic", "reversal"))
@@ -140,9 +145,7 @@ def gsm8k_prompt(kind: str, question: str) -> str:
 
 
 def gsm8k_eval(argv) -> dict:
-    import harness
-    import llm_real_data
-
+    from experiments import harness, llm_real_data
     from m2n2_jax.tasks import gsm8k
 
     parser = argparse.ArgumentParser(prog="llm_real.py gsm8k", description="GSM8K as the paper scores it: "
@@ -199,8 +202,7 @@ def gsm8k_eval(argv) -> dict:
 
 def specialists(params, folder: str) -> dict:
     """{"base", "specialist-a", "specialist-b"}: the base and base + each skill's LoRA delta."""
-    import llm_real_train
-
+    from experiments import llm_real_train
     from m2n2_jax.tasks import lora
 
     models = {"base": params}
@@ -215,7 +217,7 @@ def specialists(params, folder: str) -> dict:
 
 
 def _methods():
-    import llm_real_protocol
+    from experiments import llm_real_protocol
 
     return llm_real_protocol.METHODS
 
@@ -257,9 +259,7 @@ class Spec:
 
 
 def protocol(argv) -> dict:
-    import harness
-    import llm_real_protocol
-    import lm_analysis
+    from experiments import harness, llm_real_protocol, lm_analysis
 
     spec = harness.parse(Spec, __doc__, argv)
     t0 = time.perf_counter()
@@ -292,11 +292,7 @@ def protocol(argv) -> dict:
 def paths(argv) -> dict:
     """The two specialists merged along fixed paths, each model scored on the fitness
     and the test questions: what the protocol's methods could reach, without search."""
-    import harness
-    import llm_real_data
-    import llm_real_protocol
-    import lm_protocol
-
+    from experiments import harness, llm_real_data, llm_real_protocol, lm_protocol
     from m2n2_jax import merge_ops
     from m2n2_jax.merge import leaf_groups, slerp, split_point_slerp
 
@@ -352,7 +348,7 @@ def paths(argv) -> dict:
 
 
 def merge(argv) -> dict:
-    import llm_real_merge
+    from experiments import llm_real_merge
 
     return llm_real_merge.main(argv)
 

@@ -74,7 +74,7 @@ def parse(argv):
 
 def problems_batch(tokenizer, items, prompt: str, length: int, pad_id: int):
     """(prompts (M, length), mask, gold (M,) int32) of GSM8K problems."""
-    import llm_real
+    from experiments import llm_real
 
     ids = [tokenizer.encode(llm_real.gsm8k_prompt(prompt, item["question"])).ids for item in items]
     tokens, mask = llama_decode.left_pad(ids, pad_id, length)
@@ -82,9 +82,7 @@ def problems_batch(tokenizer, items, prompt: str, length: int, pad_id: int):
 
 
 def main(argv) -> dict:
-    import harness
-    import llm_real
-    import llm_real_data
+    from experiments import harness, llm_real, llm_real_data
 
     args = parse(argv)
     dtype = jnp.dtype(args.dtype)

@@ -35,16 +35,11 @@ import os
 import re
 import time
 
-import harness
 import jax
-import llm_real_data
-import lm_analysis
-import lm_operators
-import lm_protocol
-import methods
 import numpy as np
 
 import m2n2_jax as mj
+from experiments import harness, llm_real_data, lm_analysis, lm_operators, lm_protocol, methods
 from m2n2_jax.tasks import llama_decode
 
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp")

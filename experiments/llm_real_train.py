@@ -23,11 +23,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import llm_real_data
 import numpy as np
 import optax
 from safetensors.numpy import load_file, save_file
 
+from experiments import llm_real_data
 from m2n2_jax.tasks import llama, lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

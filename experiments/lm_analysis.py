@@ -19,12 +19,12 @@ import itertools
 import re
 from collections.abc import Callable
 
-import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import harness
 from m2n2_jax import merge_ops
 from m2n2_jax.merge import leaf_path
 from m2n2_jax.tasks import skills

@@ -31,12 +31,12 @@ import os
 import re
 import time
 
-import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import harness
 from m2n2_jax.merge import leaf_path
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import Transformer, sequence_loss

@@ -36,16 +36,13 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-import harness
 import jax
 import jax.numpy as jnp
-import lm_analysis
-import lm_operators
-import methods
 import numpy as np
-from lm_models import load_or_train, make_model
 
 import m2n2_jax as mj
+from experiments import harness, lm_analysis, lm_operators, methods
+from experiments.lm_models import load_or_train, make_model
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 
@@ -66,7 +63,7 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
         task_vectors=methods.TaskVectorSettings(base=models["base"], groups=lm_analysis.transformer_unit,
                                                 magnitude_std=spec.magnitude_std,
                                                 task_vector_norm=spec.task_vector_norm),
-        map_elites=methods.MapElitesSettings(descriptor=mj.group_descriptor(skill_of_point), bins=(4, 4),
+        map_elites=methods.MapElitesSettings(descriptor=mj.label_descriptor(skill_of_point), bins=(4, 4),
                                              mutation_std=0.0),
         merge_es=methods.MergeESSettings(template=models["base"], groups=lm_analysis.transformer_unit, num_models=2,
                                          population=spec.population, std_init=spec.std_init))

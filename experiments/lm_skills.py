@@ -28,26 +28,31 @@ any work; a refused or failed run writes nothing.
 
 from __future__ import annotations
 
-import harness
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices(single_threaded_ops=True)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import lm_analysis  # noqa: E402
-import lm_protocol  # noqa: E402
-import numpy as np  # noqa: E402
-from harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag  # noqa: E402
-from lm_models import CACHE, PAIRS, Training  # noqa: E402
-from lm_protocol import METHODS  # noqa: E402
-from methods import method_name
-
-from m2n2_jax.tasks import skills  # noqa: E402
+from experiments import lm_analysis, lm_protocol
+from experiments.harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
+from experiments.lm_models import CACHE, PAIRS, Training
+from experiments.lm_protocol import METHODS
+from experiments.methods import method_name
+from m2n2_jax.tasks import skills
 
 MIN_FORWARD_PASSES = 28  # CMA-ES over task-arithmetic weights: 3 seeds and a generation of 25
 

@@ -80,7 +80,7 @@ class TaskVectorSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MapElitesSettings:
-    """map-elites. descriptor: the (2, M) descriptor matrix (`group_descriptor`, required);
+    """map-elites. descriptor: the (2, M) descriptor matrix (`label_descriptor`, required);
     bins: cells per axis; mutation_std: as M2N2's."""
 
     descriptor: object = None

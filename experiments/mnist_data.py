@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
-import harness
-import numpy as np
-from harness import flag
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np
+
+from experiments import harness
+from experiments.harness import flag
 from m2n2_jax.tasks import mnist
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "tfds")

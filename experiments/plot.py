@@ -15,7 +15,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 # Final test accuracy read off the paper's figure (docs/algorithm.md#experiments), shown only for runs with the
 # paper's budget (PAPER_BUDGET) so that short demos are not compared with it.

@@ -17,16 +17,22 @@ Writes OUT/METHOD.json with the fields of experiments/from_scratch.py. --dataset
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
-import harness
+# Run as a file, sys.path[0] is experiments/: the repository root replaces it, so that each module here has
+# one name, experiments.NAME (a bare `import harness` fails instead of loading a second copy).
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from experiments import harness
 
 harness.use_cpu_devices()
 
-from digits_protocol import Protocol, evolve, load_data  # noqa: E402
-from harness import POSITIVE, flag  # noqa: E402
-from specialists import CACHE, HALVES, label_accuracy, load_or_train  # noqa: E402
-
-from m2n2_jax.tasks import digits  # noqa: E402
+from experiments.digits_protocol import Protocol, evolve, load_data
+from experiments.harness import POSITIVE, flag
+from experiments.specialists import CACHE, HALVES, label_accuracy, load_or_train
+from m2n2_jax.tasks import digits
 
 METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "ga", "map-elites", "slerp-grid", "cma-es-slerp")
 

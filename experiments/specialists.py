@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 
-import harness
 import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from experiments import harness
 from m2n2_jax.tasks import digits
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")

@@ -12,7 +12,7 @@ from m2n2_jax import merge_ops
 from m2n2_jax.algorithms import ALGORITHMS, M2N2, EvosaxES, MapElites, MergeES, RandomSearch, SlerpGrid
 from m2n2_jax.algorithms.m2n2 import Params as M2N2Params
 from m2n2_jax.algorithms.m2n2 import uniform_pair
-from m2n2_jax.algorithms.map_elites import group_descriptor
+from m2n2_jax.algorithms.map_elites import label_descriptor
 from m2n2_jax.archive import Archive, insert_worst_leaves
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing
@@ -38,7 +38,7 @@ from m2n2_jax.sharding import model_specs
 __all__ = [
     "ALGORITHMS", "Algorithm", "Archive", "Checkpointing", "EvosaxES", "M2N2", "M2N2Params", "MUTATION_RNGS",
     "MapElites", "MergeES", "PathPrefix", "RandomSearch", "RunResult", "Schedule", "SlerpGrid",
-    "attraction", "check_contract", "evaluate", "evolve", "gaussian_mutation", "group_descriptor", "group_sizes",
+    "attraction", "check_contract", "evaluate", "evolve", "gaussian_mutation", "group_sizes", "label_descriptor",
     "init_state", "insert_worst_leaves", "leaf_groups", "leaf_path", "memory_plan", "merge_ops", "num_params",
     "model_specs", "proportional",
     "resource_fitness", "run", "sample_parents", "schedule", "slerp", "slerp_coefficients", "split_point_slerp",

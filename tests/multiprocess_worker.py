@@ -30,14 +30,14 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 if NPROC > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}", num_processes=NPROC, process_id=PID)
 
-import methods  # noqa: E402
-import numpy as np  # noqa: E402
-import problems as P  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+import numpy as np
+import problems as P
+from jax.experimental import multihost_utils
 
-import m2n2_jax as mj  # noqa: E402
-from m2n2_jax import runner  # noqa: E402
-from m2n2_jax.sharding import default_mesh  # noqa: E402
+import m2n2_jax as mj
+from experiments import methods
+from m2n2_jax import runner
+from m2n2_jax.sharding import default_mesh
 
 ALGO, PARAMS = methods.make_method("m2n2", P.SETTINGS)
 CKPT = os.path.join(OUT, "ckpt")

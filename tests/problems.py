@@ -3,10 +3,10 @@ programs are reused across tests: equal algorithms and the same score_fn hit jit
 
 import jax
 import jax.numpy as jnp
-import methods
 import numpy as np
 
-from m2n2_jax.algorithms.map_elites import group_descriptor
+from experiments import methods
+from m2n2_jax.algorithms.map_elites import label_descriptor
 from m2n2_jax.tasks import digits
 
 rng = np.random.default_rng(0)
@@ -37,7 +37,7 @@ _TEMPLATE = init_model(jax.random.key(0))
 SETTINGS = methods.Settings(
     m2n2=methods.M2N2Settings(mutation_std=0.05),
     task_vectors=methods.TaskVectorSettings(groups=digits.layer_of),  # no base: tests that need one add it
-    map_elites=methods.MapElitesSettings(descriptor=group_descriptor(TRAIN[1] % 2), mutation_std=0.05),
+    map_elites=methods.MapElitesSettings(descriptor=label_descriptor(TRAIN[1] % 2), mutation_std=0.05),
     slerp_grid=methods.SlerpGridSettings(num_ratios=60),
     es=methods.ESSettings(template=_TEMPLATE, population=4, std_init=0.3),
     merge_es=methods.MergeESSettings(template=_TEMPLATE, groups=digits.layer_of, population=4, std_init=0.3))

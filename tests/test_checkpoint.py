@@ -18,13 +18,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import methods
 import numpy as np
 import orbax.checkpoint as ocp
 import problems as P
 import pytest
 
 import m2n2_jax as mj
+from experiments import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGO, PARAMS = methods.make_method("m2n2", P.SETTINGS)
@@ -76,7 +76,7 @@ CHILD = textwrap.dedent(f"""
     jax.config.update("jax_num_cpu_devices", 2)  # as conftest: the same padding of runs as here
     import m2n2_jax as mj
     import problems as P
-    import methods
+    from experiments import methods
 
     algo, params = methods.make_method("m2n2", P.SETTINGS)
     mj.run(algo, P.KEYS, P.score_fn, P.TRAIN, {KILLED_BUDGET}, params=params, seed_fn=P.seed_fn, test_data=P.TEST,
@@ -91,7 +91,7 @@ class Killed:
 
     def __init__(self, directory):
         env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")])}
+               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
         self.directory, self.killed_at = directory, None
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, directory], env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -243,7 +243,7 @@ def test_every_method_of_the_experiments_menu_is_a_registered_algorithm_that_kee
     passes `check_contract` (abstractly: nothing runs) with its number of seeds."""
     import dataclasses
 
-    import methods
+    from experiments import methods
 
     settings = dataclasses.replace(P.SETTINGS, task_vectors=dataclasses.replace(P.SETTINGS.task_vectors, base=TEMPLATE))
     for method in methods.METHODS:

@@ -3,10 +3,11 @@ short run of every method executes."""
 
 import json
 
-import diffusion
-import diffusion_protocol as dp
 import numpy as np
 import pytest
+
+from experiments import diffusion
+from experiments import diffusion_protocol as dp
 
 TINY = ["--hidden", "16", "--batch", "16", "--classifier-steps", "5", "--base-steps", "5", "--long-steps", "3",
         "--thick-steps", "3", "--ja-steps", "3", "--runs", "2", "--forward-passes", "30", "--population", "4",

@@ -8,9 +8,9 @@ import numpy as np
 import problems as P
 import pytest
 from jax.flatten_util import ravel_pytree
-from methods import ES, make_method
 
 import m2n2_jax as mj
+from experiments.methods import ES, make_method
 
 CASES = {name: make_method(name, P.SETTINGS) for name in ES}  # population 4, std_init 0.3
 TEMPLATE = P.SETTINGS.es.template

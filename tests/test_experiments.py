@@ -2,11 +2,18 @@
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 
-import from_scratch
-import plot
 import pytest
 
+from experiments import from_scratch, plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+MODULES = sorted(name[:-3] for name in os.listdir(EXPERIMENTS) if name.endswith(".py") and name != "__init__.py")
 CONTRACT = {"method", "forward_passes", "runs", "seeds", "final_test_accuracy", "final_train_accuracy",
             "curve", "wall_seconds", "jax_version", "device", "machine"}
 
@@ -78,3 +85,28 @@ def test_from_scratch_runs_the_evosax_baselines_with_a_time_limit(tmp_path):
                                  "--hidden", "8", "--no-progress"])
     assert stopped["stopped_by_time_limit"] and stopped["forward_passes"] == 41
     assert stopped["budget_forward_passes"] == 2001
+
+
+def test_experiment_modules_are_imported_by_one_name():
+    """Scripts, tests and benchmarks import experiment code as `experiments.NAME`, never as
+    the top-level NAME (two module objects of one file, e.g. two harnesses, in one process)."""
+    bare = re.compile(rf"^\s*(import|from) ({'|'.join(MODULES)})\b", re.MULTILINE)
+    offenders = []
+    for folder in ("experiments", "tests", "benchmarks"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".py"):
+                with open(os.path.join(ROOT, folder, name)) as f:
+                    offenders += [f"{folder}/{name}: {m.group(0).strip()}" for m in bare.finditer(f.read())]
+    assert not offenders, offenders
+
+
+def test_a_script_run_as_a_file_loads_each_experiment_module_once():
+    """`python experiments/from_scratch.py` (sys.path[0] = experiments/) imports harness,
+    methods and digits_protocol as experiments.NAME only (-X importtime lists every import)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "experiments/from_scratch.py", "--help"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--method" in proc.stdout, proc.stderr[-4000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"experiments.harness", "experiments.methods", "experiments.digits_protocol"} <= imported
+    assert not imported & set(MODULES), sorted(imported & set(MODULES))

@@ -11,13 +11,10 @@ import json
 
 import jax
 import jax.numpy as jnp
-import llm_real
-import llm_real_data
-import llm_real_protocol
-import llm_real_train
 import numpy as np
 import pytest
 
+from experiments import llm_real, llm_real_data, llm_real_protocol, llm_real_train
 from m2n2_jax.tasks import llama, llama_load, lora
 
 

@@ -3,11 +3,10 @@ against NumPy on tiny pytrees and models."""
 
 import jax
 import jax.numpy as jnp
-import lm_analysis
-import lm_models
 import numpy as np
 import pytest
 
+from experiments import lm_analysis, lm_models
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import decoded_scores
 

@@ -6,14 +6,11 @@ import json
 
 import jax
 import jax.numpy as jnp
-import lm_models
-import lm_operators
-import lm_protocol
-import lm_skills
 import numpy as np
 import pytest
 
 import m2n2_jax as mj
+from experiments import lm_models, lm_operators, lm_protocol, lm_skills
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--batch", "16", "--pool", "300",
         "--base-steps", "4", "--finetune-steps", "3", "--train-questions", "6", "4", "--test-questions", "5",

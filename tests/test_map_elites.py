@@ -15,8 +15,8 @@ from m2n2_jax import archive as archive_lib
 from m2n2_jax.algorithms import map_elites as me
 from m2n2_jax.selection import sample
 
-GROUPS = np.array([0, 0, 1, 1])  # datapoints 0, 1 in group 0; 2, 3 in group 1
-W = me.group_descriptor(GROUPS)
+LABELS = np.array([0, 0, 1, 1])  # datapoints 0, 1 labelled 0; 2, 3 labelled 1
+W = me.label_descriptor(LABELS)
 ALGO = mj.MapElites(bins=2, mutation=False)
 PARAMS = ALGO.default_params().replace(descriptor=W)
 
@@ -78,14 +78,14 @@ def test_rectangular_grid_cells_match_numpy(rng):
     assert state.scores.shape[0] == 15
 
 
-def test_group_descriptor_averages_each_group(rng):
-    groups = rng.integers(0, 3, size=30)
-    w = np.asarray(me.group_descriptor(groups, 3))
+def test_label_descriptor_averages_each_label(rng):
+    labels = rng.integers(0, 3, size=30)
+    w = np.asarray(me.label_descriptor(labels, 3))
     scores = rng.uniform(size=30)
-    np.testing.assert_allclose(w @ scores, [scores[groups == g].mean() for g in range(3)], rtol=1e-5)
-    np.testing.assert_allclose(me.group_descriptor(np.array([0, 1, 1, 0])) @ jnp.array([1.0, 1, 0, 0]), [0.5, 0.5])
-    # an empty group gives a zero row, not NaN
-    np.testing.assert_array_equal(me.group_descriptor(np.array([0, 0]), 2)[1], [0, 0])
+    np.testing.assert_allclose(w @ scores, [scores[labels == lab].mean() for lab in range(3)], rtol=1e-5)
+    np.testing.assert_allclose(me.label_descriptor(np.array([0, 1, 1, 0])) @ jnp.array([1.0, 1, 0, 0]), [0.5, 0.5])
+    # a label no datapoint has gives a zero row, not NaN
+    np.testing.assert_array_equal(me.label_descriptor(np.array([0, 0]), 2)[1], [0, 0])
 
 
 def test_init_places_each_seed_in_its_cell():

@@ -8,14 +8,12 @@ import pickle
 import struct
 from unittest import mock
 
-import from_scratch
-import mnist_data
 import numpy as np
-import pretrained
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing.mocking import PickableDataSourceMock
 
+from experiments import from_scratch, mnist_data, pretrained
 from m2n2_jax.tasks import mnist
 
 

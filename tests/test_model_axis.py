@@ -21,13 +21,13 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import methods
 import numpy as np
 import problems as P
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 import m2n2_jax as mj
+from experiments import methods
 from m2n2_jax.sharding import Placement, check_mesh, model_specs
 from m2n2_jax.tasks import digits
 
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec
     import m2n2_jax as mj
-    import methods
+    from experiments import methods
     import problems as P
     from m2n2_jax.merge import split_point_slerp
     from m2n2_jax.sharding import Placement, check_mesh
@@ -99,7 +99,7 @@ SCRIPT = textwrap.dedent("""
 def eight_devices(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eight") / "result")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")])}
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, out], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

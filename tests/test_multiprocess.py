@@ -40,7 +40,7 @@ def free_port() -> int:
 def launch(tmp):
     """Start the three workers; wait for them (bounded); (results, stderr) per worker."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
-    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")]))
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     port = str(free_port())
     jobs = {"p0": (tmp / "multi", 0, 2), "p1": (tmp / "multi", 1, 2), "ref": (tmp / "ref", 0, 1)}
     procs, logs = {}, {}

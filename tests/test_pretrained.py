@@ -5,11 +5,11 @@ import os
 
 import jax
 import numpy as np
-import pretrained
 import pytest
 from jax.flatten_util import ravel_pytree
-from specialists import HALVES, initial_flats, label_accuracy, load_or_train, train_specialist
 
+from experiments import pretrained
+from experiments.specialists import HALVES, initial_flats, label_accuracy, load_or_train, train_specialist
 from m2n2_jax.tasks import digits
 
 TRAIN, TEST = digits.load_digits()

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import m2n2_jax as mj
     import problems as P
-    import methods
+    from experiments import methods
 
     algo, params = methods.make_method("m2n2", P.SETTINGS)
     models = [P.init_model(jax.random.key(i)) for i in range(2)]
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_same_seeds_same_bits_in_fresh_processes_with_other_thread_settings(tmp_path):
     base = {**os.environ,
-            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")])}
+            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     base.pop("XLA_FLAGS", None)
     single = {**base, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

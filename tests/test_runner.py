@@ -20,12 +20,12 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
-import methods
 import numpy as np
 import problems as P
 import pytest
 
 import m2n2_jax as mj
+from experiments import methods
 
 ALGO, PARAMS = methods.make_method("m2n2", P.SETTINGS)  # M2N2(archive_size=20), mutation_std 0.05
 N, S = ALGO.archive_size, 2  # archive slots, seed models per run

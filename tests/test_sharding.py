@@ -17,13 +17,13 @@ import sys
 import textwrap
 
 import jax
-import methods
 import numpy as np
 import problems as P
 import pytest
 from jax.sharding import Mesh
 
 import m2n2_jax as mj
+from experiments import methods
 from m2n2_jax.sharding import AXES, default_mesh, pad_points, runs_axis_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     import m2n2_jax as mj
     import problems as P
     from m2n2_jax.sharding import default_mesh
-    import methods
+    from experiments import methods
 
     assert len(jax.devices()) == 4, jax.devices()
     algo, params = methods.make_method("m2n2", P.SETTINGS)
@@ -72,7 +72,7 @@ class FourDevices:
 
     def __init__(self, out):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")])}
+               "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
         self.out, self.result = out, None
         self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT, out], env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,7 @@
 A grid of `bins` cells (b0 x b1, or b x b) over a 2-D descriptor in [0, 1]^2 of a
 model's per-datapoint scores, descriptor = W @ scores with W (2, M) in `Params`: the
 user's two descriptors (for digits: accuracy on odd and on even digits; for the
-paper's LLM run: each skill's accuracy on a 4 x 4 grid, `group_descriptor` of the
+paper's LLM run: each skill's accuracy on a 4 x 4 grid, `label_descriptor` of the
 datapoints' skills); the quality is the plain training score. Both parents are drawn
 proportionally to quality among filled cells, merged with the split-point slerp and
 mutated; the child takes its cell if the cell is empty or it is strictly better.
@@ -55,12 +55,12 @@ class MapElites(Algorithm):
         """A 3 x 3 grid over the scores on the first and on the second half of the datapoints."""
         del model
         algorithm = cls(bins=3)
-        halves = group_descriptor((jnp.arange(num_points) >= num_points // 2).astype(jnp.int32))
+        halves = label_descriptor((jnp.arange(num_points) >= num_points // 2).astype(jnp.int32))
         return algorithm, algorithm.default_params().replace(descriptor=halves, mutation_std=jnp.float32(0.05))
 
     def check_params(self, params: Params) -> None:
         if params.descriptor is None:
-            raise ValueError("MapElites needs params.descriptor, a (2, M) matrix (see group_descriptor)")
+            raise ValueError("MapElites needs params.descriptor, a (2, M) matrix (see label_descriptor)")
         if not np.all(np.isfinite(np.asarray(params.descriptor))):
             raise ValueError("MapElites params.descriptor must be finite")
         for name in ("mutation_std", "slerp_eps"):
@@ -78,12 +78,12 @@ class MapElites(Algorithm):
         return (self.bins, self.bins) if isinstance(self.bins, int) else tuple(self.bins)
 
     def default_params(self) -> Params:
-        """Without a descriptor: set one with `group_descriptor` (`params.replace(descriptor=...)`)."""
+        """Without a descriptor: set one with `label_descriptor` (`params.replace(descriptor=...)`)."""
         return Params(mutation_std=jnp.float32(0.01), slerp_eps=jnp.float32(1e-6))
 
     def init(self, key, seed_models, seed_scores, params: Params) -> Archive:
         if params.descriptor is None:
-            raise ValueError("MAP-Elites needs Params.descriptor, a (2, M) matrix (see group_descriptor)")
+            raise ValueError("MAP-Elites needs Params.descriptor, a (2, M) matrix (see label_descriptor)")
         if params.descriptor.shape != (2, seed_scores.shape[1]):
             raise ValueError(f"Params.descriptor must have shape (2, {seed_scores.shape[1]}), "
                              f"got {params.descriptor.shape}")
@@ -118,13 +118,14 @@ class MapElites(Algorithm):
         return archive_lib.best(state)
 
 
-def group_descriptor(groups, num_groups: int = 2) -> jax.Array:
-    """W (num_groups, M): row g averages the scores of the datapoints in group g.
+def label_descriptor(labels, num_labels: int = 2) -> jax.Array:
+    """W (num_labels, M): row l averages the scores of the datapoints labelled l.
 
     Args:
-      groups: int (M,), the group id in [0, num_groups) of each datapoint.
+      labels: int (M,), the label in [0, num_labels) of each datapoint (for digits:
+        `tasks.digits.parity_labels`; for the LLM run: each question's skill).
     """
-    one_hot = jax.nn.one_hot(jnp.asarray(groups), num_groups, dtype=jnp.float32).T
+    one_hot = jax.nn.one_hot(jnp.asarray(labels), num_labels, dtype=jnp.float32).T
     return one_hot / jnp.maximum(one_hot.sum(axis=1, keepdims=True), 1.0)
 
 

@@ -44,8 +44,8 @@ def load_digits(train_fraction: float = 0.8):
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
-def parity_groups(labels) -> np.ndarray:
-    """Group id per datapoint: 0 for odd digits, 1 for even (MAP-Elites descriptor)."""
+def parity_labels(labels) -> np.ndarray:
+    """A label per datapoint: 0 for odd digits, 1 for even (MAP-Elites' `label_descriptor`)."""
     return (np.asarray(labels) % 2 == 0).astype(np.int32)
 
 
