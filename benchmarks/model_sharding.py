@@ -136,14 +136,17 @@ def digits_plan(m: int, archive: int = 20) -> dict:
 
 
 def llama_plan(config: dict, *, archive: int, dtype: str, mesh_shape: tuple[int, int, int], archive_memory: str,
-               capacity_gb: float, points: int, seq_len: int, chunk: int) -> dict:
-    """One plan for a Llama config: M2N2 merging pre-trained models (no mutation)."""
+               capacity_gb: float, points: int, seq_len: int, chunk: int, recipes: int | None = None) -> dict:
+    """One plan for a Llama config: M2N2 merging two pre-trained models (no mutation);
+    with `recipes`, a recipe archive with room for that many children."""
     model = llama_shapes(config, jnp.dtype(dtype))
     data = jax.ShapeDtypeStruct((points, seq_len), jnp.int32)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = jax.make_mesh(mesh_shape, ("runs", "data", "model"), devices=devices)
     t0 = time.perf_counter()
-    plan = mj.memory_plan(mj.M2N2(archive_size=archive, mutation=False), llama_score_fn(config), model, data,
+    algorithm = mj.M2N2(archive_size=archive, mutation=False) if recipes is None else mj.M2N2(
+        archive_size=archive, mutation=False, archive="recipes", max_children=recipes)
+    plan = mj.memory_plan(algorithm, llama_score_fn(config), model, data,
                           num_seeds=2, mesh=mesh, archive_memory=archive_memory, chunk_size=chunk)
     device = plan["argument_bytes"] + plan["temp_bytes"]
     # XLA:CPU computes a bfloat16 select and slot update in float32 (float
@@ -151,7 +154,7 @@ def llama_plan(config: dict, *, archive: int, dtype: str, mesh_shape: tuple[int,
     # (docs/scale.md); GPUs select and update bfloat16 natively. Other temporaries
     # share that buffer, so subtracting it gives a lower bound, not the working set.
     copy = archive * mj.num_params(model) * jnp.dtype(dtype).itemsize // mesh_shape[2] \
-        if jnp.dtype(dtype).itemsize == 2 else 0
+        if jnp.dtype(dtype).itemsize == 2 and recipes is None else 0
     return {**plan, "device_bytes": device, "device_capacity_bytes": int(capacity_gb * 1e9),
             "fits": bool(device <= capacity_gb * 1e9), "cpu_archive_copy_bytes": copy,
             "device_bytes_without_cpu_archive_copy": device - copy,  # a lower bound
@@ -159,6 +162,7 @@ def llama_plan(config: dict, *, archive: int, dtype: str, mesh_shape: tuple[int,
             "parameters": mj.num_params(model),
             "model_bytes": mj.num_params(model) * jnp.dtype(dtype).itemsize, "archive_size": archive,
             "dtype": dtype, "mesh": dict(zip(("runs", "data", "model"), mesh_shape)), "archive_memory": archive_memory,
+            "archive": "models" if recipes is None else f"recipes (max_children {recipes})",
             "fitness_points": points, "sequence_length": seq_len, "chunk_size": chunk,
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 

@@ -37,6 +37,8 @@ class Protocol:
     out: str = flag("experiments/results/from_scratch", "output directory", result=False)
     hidden: int = flag(256, "MLP hidden width (paper: 256)", POSITIVE)
     archive_size: int = flag(20, "archive size of the M2N2 family", AT_LEAST_2)
+    archive: str = flag("models", "the M2N2 family's archive: whole models, or recipes over the seeds (no mutation; "
+                                  "docs/recipes.md)", choices=("models", "recipes"))
     mutation_std: float = flag(0.01, "Gaussian mutation std (0: no mutation)", NON_NEGATIVE)
     log_every: int = flag(100, "log every this many passes", POSITIVE)
     population: int = flag(20, "ES population size", AT_LEAST_2)
@@ -104,7 +106,8 @@ def evolve(spec: Protocol, experiment: str, train, test, *, seed_models=None, se
     """Run `spec.method` through `m2n2_jax.run`, write OUT/METHOD.json, return the record."""
     template = digits.init_mlp(jax.random.key(0), spec.hidden, inputs=train[0].shape[1])
     settings = methods.Settings(
-        m2n2=methods.M2N2Settings(mutation_std=spec.mutation_std, archive_size=spec.archive_size),
+        m2n2=methods.M2N2Settings(mutation_std=spec.mutation_std, archive_size=spec.archive_size,
+                                  archive=spec.archive, max_children=spec.forward_passes),
         map_elites=methods.MapElitesSettings(descriptor=mj.label_descriptor(digits.parity_labels(train[1])),
                                              mutation_std=spec.mutation_std),
         slerp_grid=methods.SlerpGridSettings(num_ratios=spec.forward_passes),

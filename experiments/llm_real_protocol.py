@@ -129,7 +129,8 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
 
     pair = {"specialist_a": models["specialist-a"], "specialist_b": models["specialist-b"], "base": models["base"]}
     settings_ = methods.Settings(
-        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup),
+        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup,
+                                  archive=spec.archive, max_children=spec.forward_passes - 2),
         task_vectors=methods.TaskVectorSettings(base=models["base"], groups=llama_unit,
                                                 magnitude_std=spec.magnitude_std, task_vector_norm="union"),
         merge_es=methods.MergeESSettings(template=models["base"], groups=llama_unit, population=spec.population,

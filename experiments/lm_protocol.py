@@ -43,6 +43,7 @@ import numpy as np
 import m2n2_jax as mj
 from experiments import harness, lm_analysis, lm_operators, methods
 from experiments.lm_models import load_or_train, make_model
+from m2n2_jax import archive
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 
@@ -59,7 +60,8 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
     pair = [models["specialist_a"], models["specialist_b"]]
     settings = methods.Settings(
         m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, capacity_rule="max",
-                                  warmup=spec.warmup, capacity=question_weights(skill_of_point)),
+                                  warmup=spec.warmup, capacity=question_weights(skill_of_point),
+                                  archive=spec.archive, max_children=spec.forward_passes),
         task_vectors=methods.TaskVectorSettings(base=models["base"], groups=lm_analysis.transformer_unit,
                                                 magnitude_std=spec.magnitude_std,
                                                 task_vector_norm=spec.task_vector_norm),
@@ -104,7 +106,7 @@ def returned_model(algo, state, params, score_fn, train, weights):
     if isinstance(state, mj.Archive):
         means = jnp.where(state.occupied, (state.scores @ weights).mean(-1), -jnp.inf)
         index = jnp.argmax(means)
-        return jax.tree.map(lambda p: p[index], state.models), means[index]
+        return archive.get(state, index), means[index]
     model = algo.best(state, params)[0]
     return model, (score_fn(model, train) @ weights).mean()
 

@@ -95,6 +95,8 @@ class Spec:
     skills: tuple[str, str] = flag(Training.specialists, "skills of specialist_a and specialist_b",
                                    choices=skills.SKILLS[:-1], nargs=2)
     archive_size: int = flag(15, "M2N2 archive size (paper: 15)", AT_LEAST_2)
+    archive: str = flag("models", "M2N2's archive: whole models, or recipes over the two seeds (docs/recipes.md)",
+                        choices=("models", "recipes"))
     warmup: int = flag(50, "M2N2's first steps that merge random archive members (paper: at most 50)", NON_NEGATIVE)
     population: int = flag(25, "CMA-ES population (paper: 25)", AT_LEAST_2)
     std_init: float = flag(0.2, "CMA-ES initial step size over the merge coefficients", POSITIVE)
@@ -133,6 +135,9 @@ class Spec:
             object.__setattr__(self, "train_questions", self.train_questions * 2)
         if len(self.train_questions) != 2 or min(self.train_questions) < 1:
             raise ValueError(f"--train-questions must be one or two numbers > 0, got {self.train_questions}")
+        if self.archive == "recipes" and "m2n2-task-vectors" in self.methods:
+            raise ValueError("--archive recipes: m2n2-task-vectors cannot keep its archive as recipes (its "
+                             "magnitudes leave the seeds' span; docs/recipes.md): leave it out of --methods")
         if len(set(self.pairs)) != len(self.pairs) or len(set(self.methods)) != len(self.methods):
             raise ValueError("--pairs and --methods must not repeat a name")
         if self.forward_passes < 3 + self.population:

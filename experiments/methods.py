@@ -51,6 +51,8 @@ class M2N2Settings:
         (`M2N2Params.warmup`, `M2N2.capacity_rule`, `M2N2Params.capacity`,
         `M2N2.subtract_worst`).
       groups: M2N2's parameter groups (a leaf-path labelling function); None: one group.
+      archive, max_children: `M2N2.archive` ("models" or "recipes") and, for recipes,
+        `M2N2.max_children` (the children a run may ask for).
     """
 
     mutation_std: float = 0.01
@@ -60,6 +62,8 @@ class M2N2Settings:
     capacity: object = None
     subtract_worst: bool = False
     groups: object = None
+    archive: str = "models"
+    max_children: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +169,8 @@ def method_name(name: str) -> str:
 
 def _m2n2(name: str, s: M2N2Settings, tv: TaskVectorSettings):
     switches, alpha = M2N2_VARIANTS.get(name, ({}, 1.0))
-    options = dict(capacity_rule=s.capacity_rule, subtract_worst=s.subtract_worst, groups=s.groups)
+    options = dict(capacity_rule=s.capacity_rule, subtract_worst=s.subtract_worst, groups=s.groups,
+                   archive=s.archive, max_children=s.max_children if s.archive == "recipes" else None)
     if name == TASK_VECTORS:
         if tv.base is None:
             raise ValueError(f"{name} needs TaskVectorSettings.base, the common base model")

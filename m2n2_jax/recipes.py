@@ -51,9 +51,9 @@ class Recipes:
     child: jax.Array
     groups: tuple = struct.field(pytree_node=False, default=None)
 
-    def build(self, recipe: jax.Array):
+    def build(self, recipe: jax.Array, dtype=None):
         """The model of `recipe` (G, C + 1, S) (`build`)."""
-        return build(self.seeds, self.cuts, recipe, self.groups)
+        return build(self.seeds, self.cuts, recipe, self.groups, dtype)
 
 
 def empty(seeds, groups: tuple[int, ...], capacity: int) -> Recipes:
@@ -115,10 +115,24 @@ def child_recipe(recipe_a: jax.Array, recipe_b: jax.Array, c_a: jax.Array, c_b: 
     return pick(c_a) * recipe_a + pick(c_b) * recipe_b
 
 
-def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | None = None):
+def reductions(book: Recipes, recipe_a: jax.Array, recipe_b: jax.Array) -> tuple[jax.Array, ...]:
+    """(<A, B>, |A|^2, |B|^2), float32 (G,) each: the slerp angle's sums over each group
+    of the models of two recipes, built leaf by leaf in float32 and summed as products
+    (a reduction that the build fuses into, so neither model is written out whole, where
+    a dot product would need both as operands)."""
+    a, b = book.build(recipe_a, jnp.float32), book.build(recipe_b, jnp.float32)
+    num_groups = recipe_a.shape[0]
+    sums = [jnp.zeros(num_groups, jnp.float32) for _ in range(3)]
+    for g, x, y in zip(book.groups, jax.tree.leaves(a), jax.tree.leaves(b)):
+        for i, (u, v) in enumerate(((x, y), (x, x), (y, y))):
+            sums[i] = sums[i].at[g].add(jnp.sum(u * v))
+    return tuple(sums)
+
+
+def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | None = None, dtype=None):
     """The model of `recipe` (G, C + 1, S): on each segment, the recipe's combination
     of the seeds (stacked (S, ...)), computed in float32 in seed order, each leaf in its
-    seeds' dtype.
+    seeds' dtype (or `dtype`: float32 leaves of bfloat16 seeds are not rounded).
 
     Args:
       cuts: int32 (G, C, 2), the groups' sorted cut lists (`insert_cuts`).
@@ -133,7 +147,7 @@ def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | N
     offsets, out = [0] * (max(groups) + 1), []
     for g, stacked in zip(groups, leaves):
         shape = stacked.shape[1:]
-        out.append(_build_leaf(stacked, cuts[g], recipe[g], offsets[g], shape))
+        out.append(_build_leaf(stacked, cuts[g], recipe[g], offsets[g], shape).astype(dtype or stacked.dtype))
         offsets[g] += math.prod(shape)
     return jax.tree.unflatten(treedef, out)
 
@@ -149,7 +163,7 @@ def by_rows(shape: tuple, num_cuts: int) -> bool:
 
 
 def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
-    """One leaf (shape) of a recipe; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
+    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
     size = math.prod(shape)
     if size >= 2**31:
         raise ValueError(f"a leaf of shape {shape} ({size} >= 2^31 coordinates) cannot be built from a recipe")
@@ -161,19 +175,23 @@ def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: 
                                                for s in range(stacked.shape[0]))
     seeds = stacked.reshape(stacked.shape[0], rows, inner)
     if cuts.shape[0] == 0:
-        return combine(recipe[0], stacked).astype(stacked.dtype)
+        return combine(recipe[0], stacked)
     if not by_rows(shape, cuts.shape[0]):  # search every coordinate
         segment = jnp.searchsorted(local, jnp.arange(size, dtype=jnp.int32), side="right", method="scan")
-        return combine(recipe[segment], seeds.reshape(seeds.shape[0], size)).reshape(shape).astype(stacked.dtype)
+        return combine(recipe[segment], seeds.reshape(seeds.shape[0], size)).reshape(shape)
     row_segment = jnp.searchsorted(local, jnp.arange(rows, dtype=jnp.int32) * inner, side="right", method="scan")
     leaf = combine(recipe[row_segment][:, None, :], seeds)  # (rows, inner): right but in rows a cut crosses
     crossed = (row < rows) & (column > 0)
     at = jnp.minimum(row, rows - 1)
     segment = jnp.searchsorted(local, at[:, None] * inner + jnp.arange(inner, dtype=jnp.int32)[None, :],
                                side="right", method="scan")  # (C, inner)
-    fixed = combine(recipe[segment], seeds[:, at])
-    leaf = leaf.at[jnp.where(crossed, row, rows)].set(fixed, mode="drop")
-    return leaf.reshape(shape).astype(stacked.dtype)
+    fixed = combine(recipe[segment], seeds[:, at])  # (C, inner): the rows cuts cross, rebuilt
+    # Each crossed row reads its rebuilt copy through a (rows,) index, elementwise, so that
+    # the leaf stays a fusion (a scatter into it would make XLA write every leaf out).
+    target = jnp.where(crossed, row, rows)
+    fix_of_row = jnp.zeros(rows, jnp.int32).at[target].set(jnp.arange(cuts.shape[0], dtype=jnp.int32), mode="drop")
+    row_crossed = jnp.zeros(rows, bool).at[target].set(True, mode="drop")
+    return jnp.where(row_crossed[:, None], fixed[fix_of_row], leaf).reshape(shape)
 
 
 FORMAT = "m2n2_jax.recipe/1"

@@ -26,11 +26,12 @@ from m2n2_jax.archive import Archive
 from m2n2_jax.base import Algorithm
 from m2n2_jax.fitness import CAPACITY_RULES, resource_fitness
 from m2n2_jax.merge import (
+    coefficients_from_reductions,
     group_sizes,
     leaf_groups,
+    once,
     random_split,
     slerp,
-    split_coefficients,
     split_point_slerp,
     split_words,
 )
@@ -298,13 +299,14 @@ class M2N2(Algorithm):
             recipe = state.models[sample(key_parents, proportional(fitness, state.occupied))]
             return book.build(recipe), state.replace(recipes=book.replace(child=recipe))
         a, b = self.parents(key_parents, state, state.asked, params)
-        parent_a, parent_b = book.build(state.models[a]), book.build(state.models[b])
-        groups = book.groups
-        sizes = group_sizes(parent_a, groups)
+        sizes = group_sizes(jax.tree.map(lambda x: x[0], book.seeds), book.groups)
         shape = () if self.groups is None else (len(sizes),)
-        ratio = jax.random.uniform(key_ratio, shape)
-        c_a, c_b = split_coefficients(parent_a, parent_b, ratio, params.slerp_eps, params.slerp_dot_threshold,
-                                      groups)
+        ratio = jnp.asarray(jax.random.uniform(key_ratio, shape), jnp.float32).reshape(-1)
+        # The angle from parents built in float32 and reduced as they are built: neither
+        # parent is ever held whole (docs/recipes.md).
+        dot, aa, bb = recipes.reductions(book, state.models[a], state.models[b])
+        c_a, c_b = once(coefficients_from_reductions, dot[:, None], aa[:, None], bb[:, None],
+                        jnp.stack([ratio, 1.0 - ratio], -1), params.slerp_eps, params.slerp_dot_threshold)
         models, cuts, position = state.models, book.cuts, None
         if self.split_point:
             hi, lo = split_words(random_split(key_split, sizes, shape), len(sizes))

@@ -1,0 +1,156 @@
+"""The recipe archive against the model archive: memory, speed and checkpoints on the
+real SmolLM2 pair, and memory plans of the paper's Llama-2-7B pair.
+
+    python -m benchmarks.recipe_archive smollm2 [--evaluations 20] [--rounds 1]
+    python -m benchmarks.recipe_archive plans
+
+smollm2: M2N2 as the LLM protocol runs it (experiments/llm_real.py: archive 15,
+warm-up 13, no mutation, 24 fitness questions per skill, exact match) on the
+arithmetic and word-reversal specialists of SmolLM2-135M-Instruct (float32), once with
+`archive="models"` and once with `archive="recipes"`, each in a fresh process,
+interleaved over --rounds. Per process: the peak resident set, the median seconds of a
+step after the first (one evaluation: ask, score, tell; one step per compiled call),
+the seconds of `ask` alone (parents, merge, the child built) and of scoring alone, and
+the bytes of the run's final checkpoint. One CPU device, as the protocol runs.
+`make smollm2` first.
+
+plans: `mj.memory_plan` of one step for Llama-2-7B (benchmarks/fixtures), archive 15,
+bfloat16, one device, no model axis, no host archive: recipes and models.
+
+Both write into OUT/recipe_archive.json (default benchmarks/results), keeping the
+other section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+if not __package__:
+    raise SystemExit("run from the repository root as a module: python -m benchmarks.recipe_archive")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ARCHIVES = ("models", "recipes")
+ARCHIVE_SIZE, WARMUP, QUESTIONS = 15, 13, 24
+
+
+def measure(archive: str, evaluations: int) -> dict:
+    """In this process: one M2N2 run of `evaluations` children on the SmolLM2 pair."""
+    import jax
+
+    import m2n2_jax as mj
+    from experiments import llm_real, llm_real_protocol, methods
+    from m2n2_jax.tasks import llama_decode
+
+    net, base, tokenizer = llm_real.base_model()
+    models = llm_real.specialists(base, llm_real.SPECIALISTS)
+    fitness, _ = llm_real_protocol.batches(tokenizer, QUESTIONS, "fitness", 0)
+    score_fn = llama_decode.exact_match_scores(net, [2], 2)
+    settings = methods.Settings(m2n2=methods.M2N2Settings(
+        mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=evaluations))
+    algo, params = methods.make_method("m2n2", settings)
+    seeds = [models["specialist-a"], models["specialist-b"]]
+    del models, base
+    with tempfile.TemporaryDirectory() as tmp:
+        result = mj.run(algo, jax.random.key(42), score_fn, fitness, 2 + evaluations, params=params,
+                        seed_models=seeds, log_every=1, steps_per_call=1, progress=False,
+                        checkpoint=mj.Checkpointing(os.path.join(tmp, "run"), every=10**9))
+        checkpoint = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    state = jax.tree.map(lambda x: x[0], result.state)
+    ask = jax.jit(lambda s, k: algo.ask(k, s, params)[0])
+    score = jax.jit(score_fn)
+    child = jax.tree.map(lambda x: x[0], ask(state, jax.random.key(0)))
+    timed = {}
+    for name, fn in (("ask", lambda i: ask(state, jax.random.key(i))), ("score", lambda i: score(child, fitness))):
+        jax.block_until_ready(fn(0))
+        times = []
+        for i in range(3):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(i + 1))
+            times.append(time.perf_counter() - t)
+        timed[name] = float(np.median(times))
+    steps = np.diff(result.log_wall_seconds[1:])  # each step's own call; the first one compiles
+    return {"archive": archive, "evaluations": evaluations, "seconds_per_evaluation": float(np.median(steps[1:])),
+            "ask_seconds": timed["ask"], "score_seconds": timed["score"], "checkpoint_bytes": checkpoint,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "final_train_score": float(result.final_train_score[0]), "wall_seconds": result.wall_seconds}
+
+
+def smollm2(args) -> dict:
+    rows = []
+    for _ in range(args.rounds):
+        for archive in ARCHIVES:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--one", archive,
+                                  str(args.evaluations)], cwd=ROOT, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{archive}: {out.stderr[-2000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    median = lambda archive, key: float(np.median([r[key] for r in rows if r["archive"] == archive]))
+    keys = ("peak_rss_bytes", "seconds_per_evaluation", "checkpoint_bytes", "ask_seconds", "score_seconds")
+    return {"archive_size": ARCHIVE_SIZE, "warmup": WARMUP, "fitness_questions_per_skill": QUESTIONS,
+            "evaluations": args.evaluations, "rounds": args.rounds,
+            **{k: {a: median(a, k) for a in ARCHIVES} for k in keys},
+            "recipes_over_models_seconds_per_evaluation": median("recipes", "seconds_per_evaluation")
+            / median("models", "seconds_per_evaluation"), "processes": rows,
+            "command": "python -m benchmarks.recipe_archive smollm2 " + " ".join(
+                f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("evaluations", "rounds"))}
+
+
+def plans(args) -> dict:
+    from benchmarks import model_sharding
+
+    config = json.load(open(model_sharding.LLAMA_2_7B))
+    out = {}
+    for name, recipes in (("llama-2-7b-archive-15-bf16-1x80GB", args.evaluations),
+                          ("llama-2-7b-archive-15-bf16-1x80GB-models", None)):
+        plan = model_sharding.llama_plan(config, archive=ARCHIVE_SIZE, dtype="bfloat16", mesh_shape=(1, 1, 1),
+                                         archive_memory="device", capacity_gb=80, points=1319, seq_len=512, chunk=8,
+                                         recipes=recipes)
+        out[name] = {**plan, "devices": 1}
+        print(model_sharding.show(name, plan), flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", choices=("smollm2", "plans"))
+    p.add_argument("--evaluations", type=int, default=20, help="children per run (plans: the recipes' max_children, "
+                                                               "default 1,000)")
+    p.add_argument("--rounds", type=int, default=1, help="processes per archive kind (median)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # a child process: ARCHIVE EVALUATIONS
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]))))
+        return {}
+    if args.what is None:
+        p.error("say what to measure: smollm2 or plans")
+    if args.what == "plans" and "--evaluations" not in (argv or sys.argv):
+        args.evaluations = 1000
+    import jax
+
+    path = os.path.join(args.out, "recipe_archive.json")
+    record = json.load(open(path)) if os.path.exists(path) else {}
+    record[args.what] = smollm2(args) if args.what == "smollm2" else plans(args)
+    record[args.what]["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                    f"{jax.devices()[0].platform}; jax {jax.__version__}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"-> {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
