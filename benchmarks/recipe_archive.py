@@ -11,7 +11,9 @@ arithmetic and word-reversal specialists of SmolLM2-135M-Instruct (float32), onc
 interleaved over --rounds. Per process: the peak resident set, the median seconds of a
 step after the first (one evaluation: ask, score, tell; one step per compiled call),
 the seconds of `ask` alone (parents, merge, the child built) and of scoring alone, and
-the bytes of the run's final checkpoint. One CPU device, as the protocol runs.
+the bytes of the run's final checkpoint. Peak resident set: at the end of the run
+(the figure reported), and after loading and after the timings (`_by_phase`). One
+CPU device, as the protocol runs.
 `make smollm2` first.
 
 plans: `mj.memory_plan` of one step for Llama-2-7B (benchmarks/fixtures), archive 15,
@@ -52,6 +54,8 @@ def measure(archive: str, evaluations: int) -> dict:
     from experiments import llm_real, llm_real_protocol, methods
     from m2n2_jax.tasks import llama_decode
 
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    phases = {}
     net, base, tokenizer = llm_real.base_model()
     models = llm_real.specialists(base, llm_real.SPECIALISTS)
     fitness, _ = llm_real_protocol.batches(tokenizer, QUESTIONS, "fitness", 0)
@@ -61,11 +65,13 @@ def measure(archive: str, evaluations: int) -> dict:
     algo, params = methods.make_method("m2n2", settings)
     seeds = [models["specialist-a"], models["specialist-b"]]
     del models, base
+    phases["loaded"] = peak()
     with tempfile.TemporaryDirectory() as tmp:
         result = mj.run(algo, jax.random.key(42), score_fn, fitness, 2 + evaluations, params=params,
                         seed_models=seeds, log_every=1, steps_per_call=1, progress=False,
                         checkpoint=mj.Checkpointing(os.path.join(tmp, "run"), every=10**9))
         checkpoint = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    phases["run"] = peak()
     state = jax.tree.map(lambda x: x[0], result.state)
     ask = jax.jit(lambda s, k: algo.ask(k, s, params)[0])
     score = jax.jit(score_fn)
@@ -82,7 +88,7 @@ def measure(archive: str, evaluations: int) -> dict:
     steps = np.diff(result.log_wall_seconds[1:])  # each step's own call; the first one compiles
     return {"archive": archive, "evaluations": evaluations, "seconds_per_evaluation": float(np.median(steps[1:])),
             "ask_seconds": timed["ask"], "score_seconds": timed["score"], "checkpoint_bytes": checkpoint,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": phases["run"], "peak_rss_bytes_by_phase": {**phases, "timing_ask_and_score": peak()},
             "final_train_score": float(result.final_train_score[0]), "wall_seconds": result.wall_seconds}
 
 

@@ -152,46 +152,51 @@ def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | N
     return jax.tree.unflatten(treedef, out)
 
 
-def by_rows(shape: tuple, num_cuts: int) -> bool:
-    """Whether `build` finds a leaf's segments per row (then rebuilds the rows a cut
-    crosses) rather than per coordinate: the plan of fewer comparisons, each a binary
-    search over the cuts."""
-    size = math.prod(shape)
-    rows = shape[0] if shape else 1
-    log_cuts = max(1, math.ceil(math.log2(num_cuts + 1)))
-    return size * log_cuts > rows * log_cuts + size + num_cuts * (size // max(rows, 1)) * log_cuts
+ROW_CUTS = 2
+"""Cuts strictly inside one row that `build`'s row plan handles (more: every
+coordinate is searched instead)."""
 
 
 def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
-    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
+    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S).
+
+    A coordinate's segment is the number of cuts at or before it. With rows (a leaf of
+    rank >= 2 viewed as (rows, inner)), each row's first segment is found once, and only
+    the few cuts inside a row are compared per coordinate (at most ROW_CUTS a row; a
+    leaf with more falls back to a binary search of every coordinate).
+    """
     size = math.prod(shape)
     if size >= 2**31:
         raise ValueError(f"a leaf of shape {shape} ({size} >= 2^31 coordinates) cannot be built from a recipe")
-    rows = shape[0] if shape else 1
+    rows = shape[0] if len(shape) >= 2 else 1
     inner = size // rows if rows else 1
-    row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)
-    local = row * inner + column  # each cut's flat index in the leaf: 0 before it, size past it; sorted
+    num_seeds, num_cuts = stacked.shape[0], cuts.shape[0]
     combine = lambda coefficients, values: sum(coefficients[..., s] * values[s].astype(jnp.float32)
-                                               for s in range(stacked.shape[0]))
-    seeds = stacked.reshape(stacked.shape[0], rows, inner)
-    if cuts.shape[0] == 0:
+                                               for s in range(num_seeds))
+    if num_cuts == 0:
         return combine(recipe[0], stacked)
-    if not by_rows(shape, cuts.shape[0]):  # search every coordinate
+    row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)  # in (shape[0], rest)
+    local = row * (size // (shape[0] if shape else 1)) + column  # flat index: 0 before the leaf, size past it
+
+    def search(_):
         segment = jnp.searchsorted(local, jnp.arange(size, dtype=jnp.int32), side="right", method="scan")
-        return combine(recipe[segment], seeds.reshape(seeds.shape[0], size)).reshape(shape)
-    row_segment = jnp.searchsorted(local, jnp.arange(rows, dtype=jnp.int32) * inner, side="right", method="scan")
-    leaf = combine(recipe[row_segment][:, None, :], seeds)  # (rows, inner): right but in rows a cut crosses
-    crossed = (row < rows) & (column > 0)
-    at = jnp.minimum(row, rows - 1)
-    segment = jnp.searchsorted(local, at[:, None] * inner + jnp.arange(inner, dtype=jnp.int32)[None, :],
-                               side="right", method="scan")  # (C, inner)
-    fixed = combine(recipe[segment], seeds[:, at])  # (C, inner): the rows cuts cross, rebuilt
-    # Each crossed row reads its rebuilt copy through a (rows,) index, elementwise, so that
-    # the leaf stays a fusion (a scatter into it would make XLA write every leaf out).
-    target = jnp.where(crossed, row, rows)
-    fix_of_row = jnp.zeros(rows, jnp.int32).at[target].set(jnp.arange(cuts.shape[0], dtype=jnp.int32), mode="drop")
-    row_crossed = jnp.zeros(rows, bool).at[target].set(True, mode="drop")
-    return jnp.where(row_crossed[:, None], fixed[fix_of_row], leaf).reshape(shape)
+        return combine(recipe[segment], stacked.reshape(num_seeds, size)).reshape(shape)
+
+    if rows == 1:
+        return search(None)
+    first = jnp.arange(rows, dtype=jnp.int32) * inner
+    start = jnp.searchsorted(local, first, side="right", method="scan")  # segment of each row's first coordinate
+    inside = jnp.searchsorted(local, first + inner - 1, side="right", method="scan") - start  # cuts inside a row
+
+    def by_rows(_):
+        position = first[:, None] + jnp.arange(inner, dtype=jnp.int32)[None, :]  # (rows, inner)
+        segment = start[:, None]
+        for t in range(ROW_CUTS):
+            cut = local[jnp.minimum(start + t, num_cuts - 1)]  # the row's t-th inner cut, if it has one
+            segment = segment + ((t < inside)[:, None] & (cut[:, None] <= position))
+        return combine(recipe[segment], stacked.reshape(num_seeds, rows, inner)).reshape(shape)
+
+    return jax.lax.cond(jnp.max(inside) <= ROW_CUTS, by_rows, search, None)
 
 
 FORMAT = "m2n2_jax.recipe/1"
