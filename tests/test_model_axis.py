@@ -75,6 +75,19 @@ SCRIPT = textwrap.dedent("""
                 arrays[f"{name}/state/{i}"] = np.asarray(x)
     info["score_fn_saw"] = seen
 
+    # A recipe archive: its seeds are the models split over "model" (or kept on the host).
+    recipe_algo = mj.M2N2(archive_size=6, mutation=False, archive="recipes", max_children=60)
+    seeds = [P.init_model(jax.random.key(i)) for i in range(3)]
+    for name in ("one", "m2", "m2-host"):
+        mesh = meshes[name.split("-")[0]]
+        r = mj.run(recipe_algo, keys, P.score_fn, P.TRAIN, 63, seed_models=seeds, test_data=P.TEST, log_every=20,
+                   mesh=mesh, progress=False, archive_memory="pinned_host" if name.endswith("host") else "device")
+        kernel = r.state.recipes.seeds[0].kernel
+        info[f"recipes-{name}"] = {"memory": kernel.sharding.memory_kind,
+                                   "shard": list(kernel.sharding.shard_shape(kernel.shape))}
+        arrays[f"recipes-{name}/test_score"] = r.metrics["test_score"]
+        arrays[f"recipes-{name}/scores"] = np.asarray(r.state.scores)
+
     # Merges of two models placed like the runner places them, on each mesh.
     shapes = {"w": (512, 128), "b": (128,), "v": (64, 40)}
     model = lambda key: {k: jax.random.normal(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(shapes.items())}
@@ -118,6 +131,16 @@ def test_a_run_split_over_a_model_axis_equals_one_device(eight_devices, name):
         mine, one = arrays[f"{name}/state/{i}"], arrays[f"one/state/{i}"]
         assert np.abs(one).max() < 2
         np.testing.assert_allclose(mine, one, rtol=0, atol=1e-6, err_msg=f"state/{i}")
+
+
+def test_a_recipe_archive_splits_its_seeds_over_the_model_axis_and_runs_as_on_one_device(eight_devices):
+    arrays, info = eight_devices
+    # (runs, seeds, 8, 16) kernels: the default rule splits their 8 rows in two.
+    assert info["recipes-m2"]["shard"][-2:] == [4, 16] and info["recipes-one"]["shard"][-2:] == [8, 16]
+    assert info["recipes-m2-host"]["memory"] == "pinned_host" and info["recipes-m2"]["memory"] == "device"
+    for name in ("m2", "m2-host"):
+        for part in ("test_score", "scores"):
+            np.testing.assert_array_equal(arrays[f"recipes-{name}/{part}"], arrays[f"recipes-one/{part}"], err_msg=part)
 
 
 @pytest.mark.parametrize("m", [2, 4, 8])
