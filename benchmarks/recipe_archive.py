@@ -11,8 +11,9 @@ arithmetic and word-reversal specialists of SmolLM2-135M-Instruct (float32), onc
 interleaved over --rounds. Per process: the peak resident set, the median seconds of a
 step after the first (one evaluation: ask, score, tell; one step per compiled call),
 the seconds of `ask` alone (parents, merge, the child built) and of scoring alone, and
-the bytes of the run's final checkpoint. Peak resident set: at the end of the run
-(the figure reported), and after loading and after the timings (`_by_phase`). One
+the bytes of a checkpoint of the final state (orbax, as `run` saves it: a recipe
+archive's seeds left out). Peak resident set: at the end of the run
+(the figure reported), and after loading, the checkpoint and the timings (`_by_phase`). One
 CPU device, as the protocol runs.
 `make smollm2` first.
 
@@ -49,9 +50,11 @@ ARCHIVE_SIZE, WARMUP, QUESTIONS = 15, 13, 24
 def measure(archive: str, evaluations: int) -> dict:
     """In this process: one M2N2 run of `evaluations` children on the SmolLM2 pair."""
     import jax
+    import orbax.checkpoint as ocp
 
     import m2n2_jax as mj
     from experiments import llm_real, llm_real_protocol, methods
+    from m2n2_jax.archive import without_seeds
     from m2n2_jax.tasks import llama_decode
 
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -66,30 +69,37 @@ def measure(archive: str, evaluations: int) -> dict:
     seeds = [models["specialist-a"], models["specialist-b"]]
     del models, base
     phases["loaded"] = peak()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = mj.run(algo, jax.random.key(42), score_fn, fitness, 2 + evaluations, params=params,
-                        seed_models=seeds, log_every=1, steps_per_call=1, progress=False,
-                        checkpoint=mj.Checkpointing(os.path.join(tmp, "run"), every=10**9))
-        checkpoint = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    result = mj.run(algo, jax.random.key(42), score_fn, fitness, 2 + evaluations, params=params, seed_models=seeds,
+                    log_every=1, steps_per_call=1, progress=False)
     phases["run"] = peak()
-    state = jax.tree.map(lambda x: x[0], result.state)
-    ask = jax.jit(lambda s, k: algo.ask(k, s, params)[0])
+    del seeds
+    steps = np.diff(result.log_wall_seconds[1:])  # each step's own call; the first one compiles
+    record = {"archive": archive, "evaluations": evaluations, "seconds_per_evaluation": float(np.median(steps[1:])),
+              "peak_rss_bytes": phases["run"], "peak_rss_bytes_by_phase": phases,
+              "final_train_score": float(result.final_train_score[0]), "wall_seconds": result.wall_seconds}
+    print(json.dumps(record), flush=True)  # each phase's record as it ends: a process killed later keeps these
+    # Run 0 selected inside jit: outside, x[0] would copy the whole archive.
+    ask = jax.jit(lambda states, k: algo.ask(k, jax.tree.map(lambda x: x[0], states), params)[0])
     score = jax.jit(score_fn)
-    child = jax.tree.map(lambda x: x[0], ask(state, jax.random.key(0)))
-    timed = {}
-    for name, fn in (("ask", lambda i: ask(state, jax.random.key(i))), ("score", lambda i: score(child, fitness))):
+    child = jax.tree.map(lambda x: x[0], ask(result.state, jax.random.key(0)))
+    timed = {"ask": lambda i: ask(result.state, jax.random.key(i)), "score": lambda i: score(child, fitness)}
+    for name, fn in timed.items():
         jax.block_until_ready(fn(0))
         times = []
         for i in range(3):
             t = time.perf_counter()
             jax.block_until_ready(fn(i + 1))
             times.append(time.perf_counter() - t)
-        timed[name] = float(np.median(times))
-    steps = np.diff(result.log_wall_seconds[1:])  # each step's own call; the first one compiles
-    return {"archive": archive, "evaluations": evaluations, "seconds_per_evaluation": float(np.median(steps[1:])),
-            "ask_seconds": timed["ask"], "score_seconds": timed["score"], "checkpoint_bytes": checkpoint,
-            "peak_rss_bytes": phases["run"], "peak_rss_bytes_by_phase": {**phases, "timing_ask_and_score": peak()},
-            "final_train_score": float(result.final_train_score[0]), "wall_seconds": result.wall_seconds}
+        record[f"{name}_seconds"] = float(np.median(times))
+    phases["timing"] = peak()
+    print(json.dumps(record), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # what a checkpoint of the run holds: its state, seeds aside
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, "state"), without_seeds(result.state))
+        checkpointer.wait_until_finished()
+        record["checkpoint_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    phases["checkpoint"] = peak()
+    return record
 
 
 def smollm2(args) -> dict:
@@ -98,11 +108,12 @@ def smollm2(args) -> dict:
         for archive in ARCHIVES:
             out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--one", archive,
                                   str(args.evaluations)], cwd=ROOT, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{archive}: {out.stderr[-2000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if not lines:
+                raise SystemExit(f"{archive}: exit {out.returncode}: {out.stderr[-2000:]}")
+            rows.append({**json.loads(lines[-1]), "exit_code": out.returncode})
             print(rows[-1], flush=True)
-    median = lambda archive, key: float(np.median([r[key] for r in rows if r["archive"] == archive]))
+    median = lambda archive, key: float(np.median([r.get(key, np.nan) for r in rows if r["archive"] == archive]))
     keys = ("peak_rss_bytes", "seconds_per_evaluation", "checkpoint_bytes", "ask_seconds", "score_seconds")
     return {"archive_size": ARCHIVE_SIZE, "warmup": WARMUP, "fitness_questions_per_skill": QUESTIONS,
             "evaluations": args.evaluations, "rounds": args.rounds,
