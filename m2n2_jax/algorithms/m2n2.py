@@ -233,7 +233,7 @@ class M2N2(Algorithm):
             state = archive_lib.empty_recipes(seed_models, self.archive_size, m, groups, self.cut_capacity)
             seeds = jax.vmap(lambda i: recipes.seed_recipe(i, num_seeds, max(groups) + 1, self.cut_capacity))(
                 jnp.arange(num_seeds))
-            return archive_lib.insert_each(state, seeds, seed_scores, lambda s, c, x: self.insert(s, c, x, params)[0])
+            return self._insert_each(state, seeds, seed_scores, params)
         if self.task_vectors:
             if params.base is None:
                 raise ValueError("M2N2(task_vectors=True) needs Params.base, the common base model")
@@ -265,7 +265,6 @@ class M2N2(Algorithm):
     def child(self, key, state: Archive, asked, params: Params):
         """One child (unstacked) of the archive `state`; `asked` is its warm-up count."""
         key_parents, key_ratio, key_split, key_noise = jax.random.split(key, 4)
-        _, fitness = self.fitness(state.scores, state.occupied, params)
         if self.crossover:
             a, b = self.parents(key_parents, state, asked, params)
             parent_a, parent_b = archive_lib.get(state, a), archive_lib.get(state, b)
@@ -276,7 +275,7 @@ class M2N2(Algorithm):
                 groups = leaf_groups(child, self.groups)
                 child = rescale_groups(child, union_norms(parent_a, parent_b, groups), groups)
         else:
-            child = archive_lib.get(state, sample(key_parents, proportional(fitness, state.occupied)))
+            child = archive_lib.get(state, self.copied_parent(key_parents, state, params))
             if self.task_vectors:
                 child = task_vector(child, params.base)
         if self.task_vectors:
@@ -294,14 +293,13 @@ class M2N2(Algorithm):
         `state.recipes.child` for `tell`, and the child built from it."""
         key_parents, key_ratio, key_split, _ = jax.random.split(key, 4)
         book = state.recipes
-        _, fitness = self.fitness(state.scores, state.occupied, params)
         if not self.crossover:
-            recipe = state.models[sample(key_parents, proportional(fitness, state.occupied))]
+            recipe = state.models[self.copied_parent(key_parents, state, params)]
             return book.build(recipe), state.replace(recipes=book.replace(child=recipe))
         a, b = self.parents(key_parents, state, state.asked, params)
         sizes = group_sizes(jax.tree.map(lambda x: x[0], book.seeds), book.groups)
         shape = () if self.groups is None else (len(sizes),)
-        ratio = jnp.asarray(jax.random.uniform(key_ratio, shape), jnp.float32).reshape(-1)
+        ratio = jax.random.uniform(key_ratio, shape).reshape(-1)
         # The angle from parents built in float32 and reduced as they are built: neither
         # parent is ever held whole (docs/recipes.md).
         dot, aa, bb = recipes.reductions(book, state.models[a], state.models[b])
@@ -327,6 +325,11 @@ class M2N2(Algorithm):
         a, b = sample_parents(key, per_point, fitness, state.occupied, self.attraction)
         return jax.lax.cond(asked < params.warmup, lambda: uniform_pair(key, state.occupied), lambda: (a, b))
 
+    def copied_parent(self, key, state: Archive, params: Params) -> jax.Array:
+        """The slot a child without crossover copies, drawn by fitness."""
+        _, fitness = self.fitness(state.scores, state.occupied, params)
+        return sample(key, proportional(fitness, state.occupied))
+
     def merge(self, key_ratio, key_split, parent_a, parent_b, params: Params):
         """The split-point slerp (or plain slerp) of two parents with w ~ U(0, 1) and
         k ~ U{0, .., D - 1}, one of each per parameter group."""
@@ -346,6 +349,10 @@ class M2N2(Algorithm):
         del key
         if self.archive == "recipes":
             children = state.recipes.child[None]
+        return self._insert_each(state, children, scores, params)
+
+    def _insert_each(self, state: Archive, children, scores, params: Params) -> Archive:
+        """`insert` of each of the stacked children (models, or recipes) in turn."""
         return archive_lib.insert_each(state, children, scores, lambda s, c, x: self.insert(s, c, x, params)[0])
 
     def insert(self, state: Archive, child, child_scores, params: Params) -> tuple[Archive, jax.Array]:
