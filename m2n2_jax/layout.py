@@ -73,12 +73,15 @@ class Layout:
     def sharding(self, *spec) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec(*spec))
 
+    def padded_params(self, params):
+        """Per-run params padded to `padded_runs` (copies of the last run's); shared ones as they are."""
+        return jax.tree.map(lambda x: pad_runs(x, self.padded_runs), params) if self.per_run else params
+
     def place(self, params, seeds, data, test_data):
         """The host arguments on the devices: params (padded when per run) and seeds
         (per run: split over "runs"; stacked models over "model"), the training data
         padded and split over "data", the test data replicated."""
-        if self.per_run:
-            params = jax.tree.map(lambda x: pad_runs(x, self.padded_runs), params)
+        params = self.padded_params(params)
         params = jax.device_put(params, self.placement.shardings(params, ("runs",) if self.per_run else ()))
         seeds = jax.device_put(seeds, self.placement.shardings(seeds, () if self.shared else ("runs",)))
         data = jax.device_put(pad_points(data, self.mesh.shape["data"]), self.sharding("data"))

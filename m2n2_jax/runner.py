@@ -262,11 +262,9 @@ def _store(checkpoint: Checkpointing, layout: Layout, plan: Schedule, forward_pa
     """The run's checkpoint store; its metadata (digests of the host values, before
     placing: of each shared seed too, so a resume names the seed that differs) must
     match for a resume."""
-    if layout.per_run:
-        params = jax.tree.map(lambda x: pad_runs(x, layout.padded_runs), params)
     return Store(checkpoint, {
         "algorithm": _describe(layout.algorithm), "forward_passes": int(forward_passes),
-        "training_data": _digest(data), "params": _field_digests(params),
+        "training_data": _digest(data), "params": _field_digests(layout.padded_params(params)),
         "num_runs": int(layout.num_runs), "num_seeds": int(plan.num_seeds), "log_every": log_every,
         "runs_padded_to": int(run_keys.shape[0]),  # by the mesh's "runs" axis: resume on the same layout
         "models": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(layout.model)],
