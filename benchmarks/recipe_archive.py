@@ -55,14 +55,14 @@ def measure(archive: str, evaluations: int) -> dict:
     import m2n2_jax as mj
     from experiments import llm_real, llm_real_protocol, methods
     from m2n2_jax.archive import without_seeds
-    from m2n2_jax.tasks import llama_decode
+    from m2n2_jax.llm import decode
 
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     phases = {}
     net, base, tokenizer = llm_real.base_model()
     models = llm_real.specialists(base, llm_real.SPECIALISTS)
     fitness, _ = llm_real_protocol.batches(tokenizer, QUESTIONS, "fitness", 0)
-    score_fn = llama_decode.exact_match_scores(net, [2], 2)
+    score_fn = decode.exact_match_scores(net, [2], 2)
     settings = methods.Settings(m2n2=methods.M2N2Settings(
         mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=evaluations))
     algo, params = methods.make_method("m2n2", settings)

@@ -38,7 +38,7 @@ import numpy as np
 
 from experiments.harness import AT_LEAST_2, NON_NEGATIVE, POSITIVE, flag
 from experiments.methods import method_name
-from m2n2_jax.tasks import llama, llama_decode, llama_load
+from m2n2_jax.llm import decode, gguf, hf, llama
 
 SPECIALISTS = "experiments/results/llm_real/specialists"
 STOP, PAD = 2, 2  # <|im_end|> ends an answer and pads
@@ -46,9 +46,9 @@ STOP, PAD = 2, 2  # <|im_end|> ends an answer and pads
 
 def base_model():
     """(model, params as device arrays, tokenizer) of SmolLM2-135M-Instruct."""
-    path = llama_load.smollm2_gguf()
-    config, params = llama_load.load_gguf(path)
-    return llama.Llama(config), jax.tree.map(jnp.asarray, params), llama_load.load_tokenizer(path)
+    path = gguf.smollm2_gguf()
+    config, params = gguf.load_gguf(path)
+    return llama.Llama(config), jax.tree.map(jnp.asarray, params), hf.load_tokenizer(path)
 
 
 def skill_scores(model, tokenizer, source: str, count: int, seed: int, skills=None) -> dict:
@@ -56,8 +56,8 @@ def skill_scores(model, tokenizer, source: str, count: int, seed: int, skills=No
     `count` questions per skill of `source` (exact match of the greedy answer)."""
     from experiments import llm_real_data
 
-    score = jax.jit(llama_decode.exact_match_scores(model, [STOP], PAD))
-    batches = {s: llama_decode.answer_batch(*llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count,
+    score = jax.jit(decode.exact_match_scores(model, [STOP], PAD))
+    batches = {s: decode.answer_batch(*llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count,
                                                                                                      seed)), PAD)
                for s in skills or llm_real_data.SKILLS}
     return lambda params: {s: float(np.mean(score(params, b))) for s, b in batches.items()}
@@ -71,12 +71,12 @@ def nll(argv) -> float:
     args = parser.parse_args(argv)
     if args.window < 2:
         parser.error(f"--window must be >= 2, got {args.window}")
-    path = args.gguf or llama_load.smollm2_gguf()
+    path = args.gguf or gguf.smollm2_gguf()
     with open(args.file, encoding="utf-8") as f:
-        ids = llama_load.load_tokenizer(path).encode(f.read()).ids
+        ids = hf.load_tokenizer(path).encode(f.read()).ids
     if len(ids) < 2:
         parser.error(f"{args.file} holds {len(ids)} token(s): at least 2 are needed")
-    config, params = llama_load.load_gguf(path)
+    config, params = gguf.load_gguf(path)
     model = llama.Llama(config)
     loss = jax.jit(lambda p, x: llama.token_nll(model, p, x)[0].sum())
     total, count = 0.0, 0
@@ -139,14 +139,14 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 def gsm8k_prompt(kind: str, question: str) -> str:
-    from m2n2_jax.tasks import gsm8k
+    from m2n2_jax.llm import gsm8k
 
     return gsm8k.chat_prompt(question) if kind == "chatml" else PROMPTS[kind].format(question=question)
 
 
 def gsm8k_eval(argv) -> dict:
     from experiments import harness, llm_real_data
-    from m2n2_jax.tasks import gsm8k
+    from m2n2_jax.llm import gsm8k
 
     parser = argparse.ArgumentParser(prog="llm_real.py gsm8k", description="GSM8K as the paper scores it: "
                                      "chain-of-thought generation, the final number matched exactly.")
@@ -164,21 +164,21 @@ def gsm8k_eval(argv) -> dict:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.checkpoint:
-        config, params = llama_load.load_hf(args.checkpoint)
+        config, params = hf.load_hf(args.checkpoint)
         model, params, tokenizer = llama.Llama(config), jax.tree.map(jnp.asarray, params), \
-            llama_load.load_tokenizer(args.checkpoint)
+            hf.load_tokenizer(args.checkpoint)
     else:
         model, params, tokenizer = base_model()
     items = llm_real_data.problems(args.split)[:args.problems]
     stops = stop_ids(tokenizer)
-    decode = jax.jit(lambda p, t, m: llama_decode.greedy(model, p, t, m, args.max_new_tokens, stops, stops[0]))
+    generate = jax.jit(lambda p, t, m: decode.greedy(model, p, t, m, args.max_new_tokens, stops, stops[0]))
     prompts = [tokenizer.encode(gsm8k_prompt(args.prompt, item["question"])).ids for item in items]
     width = max(len(p) for p in prompts)  # one prompt width for every batch: one compiled decoder
     rows, t0 = [], time.perf_counter()
     for start in range(0, len(items), args.batch):
         chunk, ids = items[start:start + args.batch], prompts[start:start + args.batch]
-        tokens, mask = llama_decode.left_pad(ids + [ids[-1]] * (args.batch - len(ids)), stops[0], width)
-        out = llama_decode.strip(np.asarray(decode(params, tokens, mask))[:len(chunk)], stops)
+        tokens, mask = decode.left_pad(ids + [ids[-1]] * (args.batch - len(ids)), stops[0], width)
+        out = decode.strip(np.asarray(generate(params, tokens, mask))[:len(chunk)], stops)
         for item, generated in zip(chunk, out):
             text = tokenizer.decode(generated)
             found, answer = gsm8k.final_number(text), gsm8k.gold(item["answer"])
@@ -329,7 +329,7 @@ def paths(argv) -> dict:
     for k in args.layer_splits:
         candidates[f"a below layer {k}, b above"] = lambda k=k: split_point_slerp(a, b, 0.0, before(k))
         candidates[f"b below layer {k}, a above"] = lambda k=k: split_point_slerp(a, b, 1.0, before(k))
-    score = jax.jit(llama_decode.exact_match_scores(model, [STOP], PAD))
+    score = jax.jit(decode.exact_match_scores(model, [STOP], PAD))
     sets = {name: llm_real_protocol.batches(tokenizer, count, name, 0)
             for name, count in (("fitness", args.fitness_questions), ("test", args.test_questions))}
     weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}

@@ -7,7 +7,7 @@
 The paper's split: fitness on the first `--fitness-problems` GSM8K training problems
 (1,319), the model returned (the archive's best on fitness) scored on the first
 `--test-problems` test problems (1,319); chain-of-thought generation of up to
-`--max-new-tokens`, the final number matched exactly (`m2n2_jax.tasks.gsm8k`). M2N2
+`--max-new-tokens`, the final number matched exactly (`m2n2_jax.llm.gsm8k`). M2N2
 as in the paper's LLM experiment: archive 15, whole parameter vectors, no mutation,
 `--warmup` random merges first.
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import m2n2_jax as mj
-from m2n2_jax.tasks import gsm8k, llama, llama_decode, llama_load
+from m2n2_jax.llm import decode, gsm8k, hf, llama
 
 GIB = 2**30
 
@@ -77,7 +77,7 @@ def problems_batch(tokenizer, items, prompt: str, length: int, pad_id: int):
     from experiments import llm_real
 
     ids = [tokenizer.encode(llm_real.gsm8k_prompt(prompt, item["question"])).ids for item in items]
-    tokens, mask = llama_decode.left_pad(ids, pad_id, length)
+    tokens, mask = decode.left_pad(ids, pad_id, length)
     return tokens, mask, np.asarray([gsm8k.gold(item["answer"]) for item in items], np.int32)
 
 
@@ -92,8 +92,8 @@ def main(argv) -> dict:
     algorithm = mj.M2N2(archive_size=args.archive_size, mutation=False)
     params = algorithm.default_params().replace(warmup=jnp.int32(args.warmup))
     if args.plan:
-        shapes = {"params": llama_load.from_hf_tensors(config, {n: jax.ShapeDtypeStruct(s, dtype) for n, s in
-                                                                llama_load.expected_shapes(config).items()},
+        shapes = {"params": hf.from_hf_tensors(config, {n: jax.ShapeDtypeStruct(s, dtype) for n, s in
+                                                                hf.expected_shapes(config).items()},
                                                        dtype=None)["params"]}
         score_fn = _plan_score_fn(model, args.max_new_tokens)
         data = (jax.ShapeDtypeStruct((args.fitness_problems, args.prompt_length), jnp.int32),
@@ -115,11 +115,11 @@ def main(argv) -> dict:
             json.dump(record, f, indent=1)
         return record
 
-    tokenizer = llama_load.load_tokenizer(args.model_a)
+    tokenizer = hf.load_tokenizer(args.model_a)
     stops = llm_real.stop_ids(tokenizer)
     seeds = []
     for path in (args.model_a, args.model_b):
-        other, weights = llama_load.load_hf(path, dtype=dtype)
+        other, weights = hf.load_hf(path, dtype=dtype)
         if other != config:
             raise ValueError(f"{path}'s config differs from {args.model_a}'s: both must be one architecture")
         seeds.append(weights)
@@ -161,7 +161,7 @@ def _plan_score_fn(model, max_new_tokens: int):
 
     def score_fn(params, batch):
         prompts, mask, gold = batch
-        out = llama_decode.greedy(model, params, prompts, mask, max_new_tokens, (2,), 2)
+        out = decode.greedy(model, params, prompts, mask, max_new_tokens, (2,), 2)
         return (out[:, 0] == gold).astype(jnp.float32)
 
     return score_fn

@@ -40,7 +40,7 @@ import numpy as np
 
 import m2n2_jax as mj
 from experiments import harness, llm_real_data, lm_analysis, lm_operators, lm_protocol, methods
-from m2n2_jax.tasks import llama_decode
+from m2n2_jax.llm import decode
 
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp")
 METHODS = PAPER + ("task_arithmetic", "m2n2-task-vectors")
@@ -81,14 +81,14 @@ def batches(tokenizer, count: int, source: str, seed: int) -> tuple[tuple, np.nd
         prompts += p
         answers += a
         skill += [i] * len(p)
-    return llama_decode.answer_batch(prompts, answers, pad_id=2), np.asarray(skill)
+    return decode.answer_batch(prompts, answers, pad_id=2), np.asarray(skill)
 
 
 def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
     """Every method of `spec.methods` on the pair: the record of llm_real.json."""
     t_start = time.perf_counter()
     names = llm_real_data.SKILLS
-    score_fn = llama_decode.exact_match_scores(model, [2], 2)
+    score_fn = decode.exact_match_scores(model, [2], 2)
     fitness, fitness_skill = batches(tokenizer, spec.fitness_questions, "fitness", spec.data_seed)
     test, test_skill = batches(tokenizer, spec.test_questions, "test", spec.data_seed)
     weights, test_weights = lm_protocol.skill_weights(fitness_skill), lm_protocol.skill_weights(test_skill)

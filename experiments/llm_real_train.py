@@ -28,7 +28,8 @@ import optax
 from safetensors.numpy import load_file, save_file
 
 from experiments import llm_real_data
-from m2n2_jax.tasks import llama, lora
+from m2n2_jax.llm import llama
+from m2n2_jax.tasks import lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -2,7 +2,8 @@
 
 The public API, re-exported from modules named by concept (docs/api.md). Every method
 lives in `m2n2_jax.algorithms` (one module each, and their registry `ALGORITHMS`).
-Tasks (data, models, scores of the experiments) live in `m2n2_jax.tasks`, imported
+Tasks (data, models, scores of the experiments) live in `m2n2_jax.tasks`, language
+models (a Llama, its checkpoints, its scorers) in `m2n2_jax.llm`, both imported
 explicitly; safetensors I/O in `m2n2_jax.safetensors_io` (needs `safetensors`).
 """
 

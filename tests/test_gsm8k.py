@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2n2_jax.tasks import gsm8k, llama, llama_decode, llama_load
+from m2n2_jax.llm import decode, gguf, gsm8k, hf, llama
 
 
 def test_gold_and_final_number():
@@ -25,7 +25,7 @@ def test_gold_and_final_number():
 def constant_model():
     """A tiny Llama that writes "7" after any prompt: equal embedding rows make the last
     hidden state the same vector h for every input; lm_head's row of "7" is h / |h|^2."""
-    tokenizer = llama_load.load_tokenizer(llama_load.smollm2_gguf())
+    tokenizer = hf.load_tokenizer(gguf.smollm2_gguf())
     config = llama.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     model = llama.Llama(config)
@@ -42,8 +42,8 @@ def constant_model():
 def test_final_number_scores_inside_jit_and_vmap(constant_model):
     model, params, tokenizer = constant_model
     ids = [tokenizer.encode(gsm8k.chat_prompt(q)).ids for q in ("What is 3 + 4?", "Seven?")]
-    tokens, mask = llama_decode.left_pad(ids, pad_id=2)
-    out = llama_decode.greedy(model, params, jnp.asarray(tokens), jnp.asarray(mask), 3, [2], 2)
+    tokens, mask = decode.left_pad(ids, pad_id=2)
+    out = decode.greedy(model, params, jnp.asarray(tokens), jnp.asarray(mask), 3, [2], 2)
     assert [tokenizer.decode(r) for r in np.asarray(out).tolist()] == ["777", "777"]
     score = jax.jit(gsm8k.final_number_scores(model, tokenizer, 3, [2], 2))
     gold = jnp.asarray([777, 7], jnp.int32)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2n2_jax.tasks import llama, llama_decode, llama_load
+from m2n2_jax.llm import decode, gguf, hf, llama
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
 REF = np.load(os.path.join(HERE, "reference.npz"))
@@ -32,7 +34,7 @@ def _prompts(case):
 
 @pytest.fixture(scope="module", params=CASES)
 def tiny(request):
-    config, params = llama_load.load_hf(os.path.join(HERE, request.param))
+    config, params = hf.load_hf(os.path.join(HERE, request.param))
     return request.param, config, params
 
 
@@ -43,7 +45,7 @@ def test_tiny_cases_cover_the_variants():
     assert any(c.num_key_value_heads == c.num_attention_heads for c in configs)
     assert all(c.rope_theta != 10000.0 for c in configs)
     assert any(c.head_dim * c.num_attention_heads != c.hidden_size for c in configs)
-    assert os.path.isfile(os.path.join(HERE, "sharded", llama_load.safetensors_io.INDEX))
+    assert os.path.isfile(os.path.join(HERE, "sharded", hf.safetensors_io.INDEX))
 
 
 def test_logits_equal_transformers(tiny):
@@ -58,8 +60,8 @@ def test_batched_greedy_equals_each_prompt_alone(tiny):
     """Left-padded prompts of lengths 9, 4 and 6 in one batch decode as transformers
     decodes each alone (full forward passes, no cache)."""
     case, config, params = tiny
-    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=0)
-    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, [-1], 0)
+    tokens, mask = decode.left_pad(_prompts(case), pad_id=0)
+    out = decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, [-1], 0)
     np.testing.assert_array_equal(np.asarray(out), REF[f"{case}/greedy"])
 
 
@@ -73,56 +75,56 @@ def test_stop_tokens_end_each_row_and_pad_after(tiny):
         end = hits[0] + 1 if hits else len(seq)
         expected[row, :end] = seq[:end]
     assert (expected == 99).sum() >= 8  # rows really stopped early
-    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=5)
-    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, stops, 99)
+    tokens, mask = decode.left_pad(_prompts(case), pad_id=5)
+    out = decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, stops, 99)
     np.testing.assert_array_equal(np.asarray(out), expected)
-    assert llama_decode.strip(expected, stops) == [list(r[:np.argmax(np.isin(r, stops))]) if np.isin(r, stops).any()
+    assert decode.strip(expected, stops) == [list(r[:np.argmax(np.isin(r, stops))]) if np.isin(r, stops).any()
                                                    else list(r) for r in reference]
 
 
 def test_greedy_is_one_compiled_program(tiny):
     case, config, params = tiny
     model = llama.Llama(config)
-    decode = jax.jit(lambda p, t, m: llama_decode.greedy(model, p, t, m, 12, (-1,), 0))
-    tokens, mask = llama_decode.left_pad(_prompts(case), pad_id=0)
-    np.testing.assert_array_equal(np.asarray(decode(params, tokens, mask)), REF[f"{case}/greedy"])
+    generate = jax.jit(lambda p, t, m: decode.greedy(model, p, t, m, 12, (-1,), 0))
+    tokens, mask = decode.left_pad(_prompts(case), pad_id=0)
+    np.testing.assert_array_equal(np.asarray(generate(params, tokens, mask)), REF[f"{case}/greedy"])
 
 
 def test_save_hf_names_its_arguments_when_given_in_another_order(tiny, tmp_path):
     _, config, params = tiny
     with pytest.raises(ValueError, match=r"save_hf\(config, model, path\)"):
-        llama_load.save_hf(str(tmp_path), config, params)
+        hf.save_hf(str(tmp_path), config, params)
 
 
 def test_save_hf_round_trip_sharded(tiny, tmp_path):
     case, config, params = tiny
-    llama_load.save_hf(config, params, str(tmp_path), max_shard_bytes=10_000)
-    assert os.path.isfile(tmp_path / llama_load.safetensors_io.INDEX)
-    config2, params2 = llama_load.load_hf(str(tmp_path))
+    hf.save_hf(config, params, str(tmp_path), max_shard_bytes=10_000)
+    assert os.path.isfile(tmp_path / hf.safetensors_io.INDEX)
+    config2, params2 = hf.load_hf(str(tmp_path))
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     # the names are transformers' own: the fixture checkpoint's tensors, one for one
-    names = set(llama_load.safetensors_io.load_flat(os.path.join(HERE, case)))
-    assert set(llama_load.to_hf_tensors(config, params)) == names
+    names = set(hf.safetensors_io.load_flat(os.path.join(HERE, case)))
+    assert set(hf.to_hf_tensors(config, params)) == names
 
 
 def test_load_refuses_what_does_not_match(tmp_path):
-    config, params = llama_load.load_hf(os.path.join(HERE, "gqa_untied"))
-    tensors = llama_load.to_hf_tensors(config, params)
+    config, params = hf.load_hf(os.path.join(HERE, "gqa_untied"))
+    tensors = hf.to_hf_tensors(config, params)
     up = "model.layers.1.mlp.up_proj.weight"
     with pytest.raises(ValueError, match=f"missing.*{up}"):
-        llama_load.from_hf_tensors(config, {k: v for k, v in tensors.items() if k != up})
+        hf.from_hf_tensors(config, {k: v for k, v in tensors.items() if k != up})
     with pytest.raises(ValueError, match="unexpected.*extra"):
-        llama_load.from_hf_tensors(config, {**tensors, "model.extra.weight": np.zeros(3)})
+        hf.from_hf_tensors(config, {**tensors, "model.extra.weight": np.zeros(3)})
     with pytest.raises(ValueError, match="k_proj.weight: shape"):
-        llama_load.from_hf_tensors(config, {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 48))})
-    hf = config.to_hf()
+        hf.from_hf_tensors(config, {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 48))})
+    fields = config.to_hf()
     for key, value in [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True),
                        ("hidden_act", "gelu"), ("model_type", "mistral")]:
         with pytest.raises(ValueError, match=key if key != "model_type" else "mistral"):
-            llama.LlamaConfig.from_hf({**hf, key: value})
+            llama.LlamaConfig.from_hf({**fields, key: value})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-        llama.LlamaConfig.from_hf({**hf, "num_key_value_heads": 4})
+        llama.LlamaConfig.from_hf({**fields, "num_key_value_heads": 4})
 
 
 def test_layers_are_leaves_in_depth_order():
@@ -146,7 +148,7 @@ def test_unpermute_rows_inverts_llama_cpp():
     w = np.arange(3 * 8 * 5).reshape(24, 5)
     permuted = _llama_cpp_permute(w, 3)
     assert not np.array_equal(permuted, w)
-    np.testing.assert_array_equal(llama_load.unpermute_rows(permuted, 3), w)
+    np.testing.assert_array_equal(gguf.unpermute_rows(permuted, 3), w)
     # rows of head 0 (d = 8): HF order 0..7 becomes interleaved pairs (0, 4), (1, 5), ...
     np.testing.assert_array_equal(permuted[:8, 0] // 5, [0, 4, 1, 5, 2, 6, 3, 7])
 
@@ -156,9 +158,9 @@ def test_unpermute_rows_inverts_llama_cpp():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = llama_load.smollm2_gguf()
-    config, params = llama_load.load_gguf(path)
-    return config, params, llama_load.load_tokenizer(path)
+    path = gguf.smollm2_gguf()
+    config, params = gguf.load_gguf(path)
+    return config, params, hf.load_tokenizer(path)
 
 
 def test_smollm2_config(smollm2):
@@ -192,8 +194,8 @@ def test_smollm2_loss_equals_transformers_on_a_few_tokens(smollm2):
 def test_smollm2_greedy_equals_transformers(smollm2):
     config, params, _ = smollm2
     chat = REF["smollm2/chat_ids"].tolist()
-    tokens, mask = llama_decode.left_pad([chat], pad_id=2, length=len(chat) + 3)
-    out = llama_decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 16, [2], 2)
+    tokens, mask = decode.left_pad([chat], pad_id=2, length=len(chat) + 3)
+    out = decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 16, [2], 2)
     np.testing.assert_array_equal(np.asarray(out)[0], REF["smollm2/chat_greedy"])
 
 
@@ -207,10 +209,19 @@ def test_exact_match_scores_whole_answers(tiny):
     for seq in reference[:, :6].tolist():
         end = seq.index(stop) + 1 if stop in seq else len(seq)
         answers.append(seq[:end])
-    prompts, mask, expected = llama_decode.answer_batch(_prompts(case), answers, pad_id=99)
-    score = llama_decode.exact_match_scores(llama.Llama(config), [stop], 99)
+    prompts, mask, expected = decode.answer_batch(_prompts(case), answers, pad_id=99)
+    score = decode.exact_match_scores(llama.Llama(config), [stop], 99)
     np.testing.assert_array_equal(np.asarray(score(params, (prompts, mask, expected))), 1.0)
     wrong = expected.copy()
     wrong[1, 0] = (wrong[1, 0] + 1) % config.vocab_size
     wrong[0, -1] = 98  # row 0: its padding changed
     np.testing.assert_array_equal(np.asarray(score(params, (prompts, mask, wrong))), [0.0, 0.0, 1.0])
+
+
+def test_import_m2n2_jax_stays_lean():
+    """The core imports neither the language-model subpackage nor the tasks, nor the
+    tokenizer and GGUF readers they use (checked in a fresh interpreter)."""
+    code = ("import sys, m2n2_jax; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tokenizers', 'gguf') or m.startswith(('m2n2_jax.llm', 'm2n2_jax.tasks'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

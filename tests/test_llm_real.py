@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from experiments import llm_real, llm_real_data, llm_real_protocol, llm_real_train
-from m2n2_jax.tasks import llama, llama_load, lora
+from m2n2_jax.llm import gguf, hf, llama
+from m2n2_jax.tasks import lora
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def tiny_base():
                                num_attention_heads=2, num_key_value_heads=1, head_dim=8, rope_theta=1e5,
                                tie_word_embeddings=True)
     model = llama.Llama(config)
-    return model, llama.init(model, jax.random.key(0)), llama_load.load_tokenizer(llama_load.smollm2_gguf())
+    return model, llama.init(model, jax.random.key(0)), hf.load_tokenizer(gguf.smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_paths_scores_the_ends_of_each_path_as_the_specialists(tiny_base, tiny_s
     monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
     # a score that tells the models apart (the tiny specialists answer nothing right)
     probe = lambda p: (1e3 * sum(x.sum() for x in jax.tree.leaves(p))) % 1.0
-    monkeypatch.setattr(llm_real.llama_decode, "exact_match_scores",
+    monkeypatch.setattr(llm_real.decode, "exact_match_scores",
                         lambda *a: lambda params, batch: jnp.full(batch[0].shape[0], probe(params)))
     out = tmp_path / "paths.json"
     record = llm_real.main(["paths", "--ratios", "0", "0.5", "1", "--scales", "0", "1", "--layer-splits", "1",
@@ -153,7 +154,7 @@ def test_merge_plans_and_runs_two_checkpoints_on_gsm8k(tiny_base, tmp_path):
     dirs = []
     for i in (1, 2):
         noisy = jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(i), x.shape), params)
-        llama_load.save_hf(model.config, noisy, str(tmp_path / f"m{i}"))
+        hf.save_hf(model.config, noisy, str(tmp_path / f"m{i}"))
         tokenizer.save(str(tmp_path / f"m{i}" / "tokenizer.json"))
         dirs.append(str(tmp_path / f"m{i}"))
     small = ["--fitness-problems", "4", "--prompt-length", "200", "--max-new-tokens", "3", "--chunk-size", "2",

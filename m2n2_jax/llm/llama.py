@@ -3,7 +3,7 @@
 RMSNorm, rotary position embeddings with any base (`rope_theta`), grouped-query
 attention (`num_kv_heads` <= `num_heads`), a SwiGLU MLP, tied or untied output
 embeddings. Weights keep Hugging Face's shapes, (out, in) for every projection, so a
-checkpoint loads without transposes (`llama_load`) and the default rule of the model
+checkpoint loads without transposes (`hf`) and the default rule of the model
 axis (`mj.model_specs`) splits each projection over its outputs.
 
 Layers are named `layers_00`, `layers_01`, ... (zero-padded to the number of layers),
@@ -15,7 +15,7 @@ One code path serves scoring and decoding: `__call__(tokens, positions, cache, i
 key_valid)` writes the keys and values of `tokens` into `cache` at slots index.. and
 attends to the valid slots up to each query's own; a full forward pass is the call
 without a cache. Left-padded batches give each row its own positions and mark the
-padding invalid (`llama_decode`).
+padding invalid (`decode`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2n2_jax.tasks import llama_decode
-from m2n2_jax.tasks.llama import Llama
+from m2n2_jax.llm import decode
+from m2n2_jax.llm.llama import Llama
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -63,7 +63,7 @@ def final_number_scores(net: Llama, tokenizer, max_new_tokens: int, stop_tokens:
 
     def score_fn(model, batch):
         prompts, mask, answers = batch
-        out = llama_decode.greedy(net, model, prompts, mask, max_new_tokens, stops, pad_id)
+        out = decode.greedy(net, model, prompts, mask, max_new_tokens, stops, pad_id)
         return jax.pure_callback(check, jax.ShapeDtypeStruct(answers.shape, jnp.float32), out, answers,
                                  vmap_method="broadcast_all")
 

@@ -1,0 +1,11 @@
+"""Language models for M2N2: a Llama-family decoder, its checkpoints and its scorers.
+
+- `llama`: the flax decoder (`Llama`, `LlamaConfig`, `token_nll`);
+- `hf`, `gguf`: Hugging Face checkpoint folders and llama.cpp GGUF files in and out;
+- `decode`: batched greedy decoding with a key/value cache, exact-match scoring;
+- `gsm8k`: GSM8K scored as the paper scores it.
+
+Nothing in the core package imports this subpackage (`import m2n2_jax` stays lean);
+import it explicitly: `from m2n2_jax.llm import hf, llama`. Reading GGUF files and
+tokenizers needs the `llm` extra.
+"""
