@@ -2,10 +2,13 @@
 
 A checkpoint is one `.safetensors` file or a directory of them (Hugging Face layout:
 `model.safetensors`, or shards `model-00001-of-00002.safetensors` listed in
-`model.safetensors.index.json`). Flat tensor names map to nested dicts by splitting
-on `sep`: "layer_0/attn/qkv/kernel" <-> model["layer_0"]["attn"]["qkv"]["kernel"]
-(use sep="." for names like "model.layers.0.mlp.up_proj.weight"). Arrays keep their
-dtype (bfloat16 included) and are returned as host NumPy arrays.
+`model.safetensors.index.json`). A directory holds one checkpoint: a save replaces
+the safetensors files and index of an earlier one whole (other files stay), and a
+directory holding both an index and `model.safetensors` is refused. Flat tensor
+names map to nested dicts by splitting on `sep`: "layer_0/attn/qkv/kernel" <->
+model["layer_0"]["attn"]["qkv"]["kernel"] (use sep="." for names like
+"model.layers.0.mlp.up_proj.weight"). Arrays keep their dtype (bfloat16 included)
+and are returned as host NumPy arrays.
 
 Two fine-tunes of one base often differ in vocabulary size (an added token: 32,001 vs
 32,000 rows). `split_vocab` cuts both to the shared rows, so M2N2 or any operator of
@@ -51,6 +54,9 @@ def _files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no safetensors checkpoint at {path}")
+    if os.path.isfile(os.path.join(path, INDEX)) and os.path.isfile(os.path.join(path, SINGLE)):
+        raise ValueError(f"{path} holds both {INDEX} and {SINGLE}: two checkpoints, one of them stale; remove the "
+                         "one that is not the model")
     if os.path.isfile(os.path.join(path, INDEX)):
         with open(os.path.join(path, INDEX)) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -81,7 +87,8 @@ def load(path: str, sep: str = "/") -> dict:
 def save(model, path: str, sep: str = "/", max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> None:
     """Write `model` to `path`: one file if it ends in .safetensors, else a directory
     holding `model.safetensors`, or shards of at most `max_shard_bytes` (a tensor
-    larger than that gets a shard of its own) and their index json."""
+    larger than that gets a shard of its own) and their index json; the directory's
+    other .safetensors files and index (an earlier save's) are removed."""
     save_flat(flatten(model, sep), path, max_shard_bytes, metadata)
 
 
@@ -102,6 +109,7 @@ def save_flat(tensors: dict, path: str, max_shard_bytes: int = 5 * 2**30, metada
     os.makedirs(path, exist_ok=True)
     if len(shards) == 1:
         save_file(flat, os.path.join(path, SINGLE), metadata=metadata)
+        _remove_others(path, [SINGLE])
         return
     weight_map = {}
     for i, names in enumerate(shards, start=1):
@@ -111,6 +119,15 @@ def save_flat(tensors: dict, path: str, max_shard_bytes: int = 5 * 2**30, metada
     index = {"metadata": {"total_size": sum(x.nbytes for x in flat.values())}, "weight_map": weight_map}
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump(index, f, indent=1)
+    _remove_others(path, [INDEX, *weight_map.values()])
+
+
+def _remove_others(path: str, written: list[str]) -> None:
+    """Remove the .safetensors files and index in `path` that this save did not write
+    (an earlier checkpoint's, which a load would otherwise read or prefer)."""
+    for name in os.listdir(path):
+        if (name.endswith(".safetensors") or name == INDEX) and name not in written:
+            os.remove(os.path.join(path, name))
 
 
 def split_vocab(a, b, vocab_sizes: tuple[int, int]):

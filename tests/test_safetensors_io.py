@@ -61,6 +61,29 @@ def test_sharded_round_trip_with_index(tmp_path, rng):
     assert_same(load(str(tmp_path)), params)
 
 
+def test_a_directory_holds_one_checkpoint(tmp_path, rng):
+    """Saving into a directory replaces the safetensors files and index of a previous
+    save whole (sharded -> one file -> sharded); files of other kinds stay."""
+    a, b = tiny_checkpoint(rng), tiny_checkpoint(rng)
+    (tmp_path / "README.md").write_text("kept")
+    (tmp_path / "adapter.safetensors").write_bytes(b"stale")
+    save(a, str(tmp_path), max_shard_bytes=100)
+    save(b, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "model.safetensors"]
+    assert_same(load(str(tmp_path)), b)
+    save(a, str(tmp_path), max_shard_bytes=100)
+    assert "model.safetensors" not in os.listdir(tmp_path)
+    assert_same(load(str(tmp_path)), a)
+
+
+def test_an_index_beside_a_single_file_is_refused(tmp_path, rng):
+    save(tiny_checkpoint(rng), str(tmp_path), max_shard_bytes=100)
+    save(tiny_checkpoint(rng), str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{tmp_path} holds both model.safetensors.index.json and "
+                                         "model.safetensors"):
+        load(str(tmp_path))
+
+
 def test_loaded_checkpoints_merge_and_write_back(tmp_path, rng):
     a, b = tiny_checkpoint(rng), tiny_checkpoint(rng)
     save(a, str(tmp_path / "a.safetensors"))

@@ -1,7 +1,10 @@
 """Language models for M2N2: a Llama-family decoder, its checkpoints and its scorers.
 
-- `llama`: the flax decoder (`Llama`, `LlamaConfig`, `token_nll`);
-- `hf`, `gguf`: Hugging Face checkpoint folders and llama.cpp GGUF files in and out;
+- `llama`: the flax decoder (`Llama`, `LlamaConfig`, `token_nll`) of the Llama
+  family: Llama 1 to 3.3 (rope_scaling llama3 and linear, biases), Qwen2, Mistral;
+- `hf`, `gguf`: Hugging Face checkpoint folders and llama.cpp GGUF files in and out (a
+  saved folder is a complete model: its source's tokenizer and generation config,
+  every config key carried through, a model card);
 - `decode`: batched greedy decoding with a key/value cache, exact-match scoring;
 - `gsm8k`: GSM8K scored as the paper scores it.
 

@@ -1,10 +1,16 @@
 """A Llama-family decoder in flax, laid out as Hugging Face's `LlamaForCausalLM`.
 
-RMSNorm, rotary position embeddings with any base (`rope_theta`), grouped-query
-attention (`num_kv_heads` <= `num_heads`), a SwiGLU MLP, tied or untied output
-embeddings. Weights keep Hugging Face's shapes, (out, in) for every projection, so a
-checkpoint loads without transposes (`hf`) and the default rule of the model
-axis (`mj.model_specs`) splits each projection over its outputs.
+RMSNorm, rotary position embeddings with any base (`rope_theta`) and rope_scaling of
+type `llama3` (Llama-3.1 to 3.3) or `linear`, grouped-query attention (`num_kv_heads`
+<= `num_heads`), a SwiGLU MLP, tied or untied output embeddings, optional biases
+(Llama's `attention_bias` and `mlp_bias`). `model_type` "qwen2" (q/k/v biases, no
+o_proj bias) and "mistral" are the same network. A sliding window (Mistral, Qwen2's
+`use_sliding_window`) is not implemented: a model that has one runs sequences no
+longer than the window, where every key is inside it, and refuses longer ones by
+name. Weights keep Hugging Face's shapes, (out, in) for every projection, with each
+`bias` next to its `weight`, so a checkpoint loads without transposes (`hf`) and the
+default rule of the model axis (`mj.model_specs`) splits each projection over its
+outputs.
 
 Layers are named `layers_00`, `layers_01`, ... (zero-padded to the number of layers),
 so `jax.tree.leaves` walks them in depth order, and the flat parameter vector that
@@ -20,8 +26,10 @@ padding invalid (`decode`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -31,10 +39,59 @@ import optax
 
 Cache = list  # [(keys, values)] per layer, each (B, T, num_kv_heads, head_dim)
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A config's `rope_scaling`: "linear" divides every rotary frequency by `factor`;
+    "llama3" divides the slow ones (wavelength above original / low_freq_factor) by
+    it, keeps the fast ones (below original / high_freq_factor) and interpolates in
+    between (`inv_frequencies`)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not implemented (only 'llama3' and 'linear')")
+        missing = [k for k in LLAMA3_KEYS if getattr(self, k) is None] if self.rope_type == "llama3" else []
+        if missing:
+            raise ValueError(f"rope_scaling of type 'llama3' needs {missing}")
+
+    @classmethod
+    def from_hf(cls, hf: dict | None) -> RopeScaling | None:
+        """From config.json's `rope_scaling` (None or type "default": no scaling)."""
+        rope_type = (hf or {}).get("rope_type", (hf or {}).get("type", "default"))
+        if rope_type == "default":
+            return None
+        keys = LLAMA3_KEYS if rope_type == "llama3" else ("factor",)
+        missing = [k for k in keys if k not in hf]
+        if missing:
+            raise ValueError(f"rope_scaling of type {rope_type!r} needs {missing}")
+        return cls(rope_type, *(hf[k] for k in keys))
+
+    def to_hf(self) -> dict:
+        return {"rope_type": self.rope_type,
+                **{k: v for k, v in dataclasses.asdict(self).items() if k != "rope_type" and v is not None}}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """The static structure of a Llama model (Hugging Face's `LlamaConfig` names)."""
+    """The static structure of a Llama-family model (Hugging Face's config names).
+
+    `model_type` "llama", "qwen2" (q/k/v biases always, no o_proj bias) or "mistral";
+    `attention_bias` (q/k/v/o) and `mlp_bias` are Llama's. `sliding_window`: None, or
+    the longest sequence the model runs (see the module docstring).
+
+    `hf_dict` is the config.json dict the config was read from, kept so that a save
+    writes back every key the model does not use (eos/bos lists, dtype, unknown
+    keys); it takes no part in comparison, hashing or repr.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -47,6 +104,12 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
+    model_type: str = "llama"
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    hf_dict: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -58,25 +121,43 @@ class LlamaConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not implemented (only {list(ARCHITECTURES)})")
+        if self.model_type != "llama" and (self.attention_bias or self.mlp_bias):
+            raise ValueError(f"attention_bias and mlp_bias are Llama's settings; {self.model_type}'s biases come "
+                             "with its model_type")
+        if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ValueError(f"sliding_window must be None or a positive int, got {self.sliding_window!r}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj have biases (Llama's attention_bias, Qwen2's always)."""
+        return self.attention_bias or self.model_type == "qwen2"
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """From a Hugging Face config.json's dict; what this model does not implement
-        (biases, rope scaling, another activation or architecture) is refused."""
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type {hf.get('model_type')!r}: only Llama-family ('llama') checkpoints load")
-        unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None}
-        for key, expected in unsupported.items():
+        """From a Hugging Face config.json's dict (kept as `hf_dict`); what this model
+        does not implement (another architecture, activation or rope type, a partial
+        rotary embedding) is refused by name."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {model_type!r} is not implemented (only {list(ARCHITECTURES)})")
+        for key, expected in {"hidden_act": "silu", "partial_rotary_factor": 1.0}.items():
             if hf.get(key, expected) != expected:
                 raise ValueError(f"config {key}={hf[key]!r} is not implemented (only {expected!r})")
         heads = hf["num_attention_heads"]
+        llama = model_type == "llama"
         return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                    intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
                    num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
                    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
                    rope_theta=float(hf.get("rope_theta", 10000.0)), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   max_position_embeddings=hf.get("max_position_embeddings", 2048))
+                   max_position_embeddings=hf.get("max_position_embeddings", 2048), model_type=model_type,
+                   rope_scaling=RopeScaling.from_hf(hf.get("rope_scaling")),
+                   attention_bias=llama and bool(hf.get("attention_bias", False)),
+                   mlp_bias=llama and bool(hf.get("mlp_bias", False)), sliding_window=_sliding_window(hf),
+                   hf_dict=copy.deepcopy(hf))
 
     @classmethod
     def from_json(cls, path: str) -> LlamaConfig:
@@ -87,9 +168,30 @@ class LlamaConfig:
             return cls.from_hf(json.load(f))
 
     def to_hf(self) -> dict:
-        """The config.json of this model (Hugging Face's names)."""
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-                **dataclasses.asdict(self)}
+        """The config.json of this model: `hf_dict` unchanged when it describes this
+        model, so that every key the model does not use comes back as it was read;
+        otherwise `hf_dict` (or nothing) with the fields this model defines set."""
+        base = copy.deepcopy(self.hf_dict or {})
+        if base and LlamaConfig.from_hf(base) == self:
+            return base
+        return {**base, **self._hf_fields()}
+
+    def _hf_fields(self) -> dict:
+        """What this model defines, in config.json's names for its model_type."""
+        fields = {"model_type": self.model_type, "architectures": [ARCHITECTURES[self.model_type]],
+                  "hidden_act": "silu",
+                  **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name not in ("model_type", "rope_scaling", "attention_bias", "mlp_bias",
+                                       "sliding_window", "hf_dict")},
+                  "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None}
+        if self.model_type == "llama":
+            fields.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.model_type == "mistral":
+            fields["sliding_window"] = self.sliding_window
+        else:  # qwen2: a window, where there is one, on every layer
+            fields.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                          max_window_layers=0, layer_types=None)
+        return fields
 
     @property
     def layer_names(self) -> list[str]:
@@ -98,16 +200,34 @@ class LlamaConfig:
         return [f"layers_{i:0{width}d}" for i in range(self.num_hidden_layers)]
 
 
+def _sliding_window(hf: dict) -> int | None:
+    """The attention window of a config.json dict, as transformers reads it: Mistral's
+    `sliding_window`; Qwen2's only with `use_sliding_window` and on a layer that
+    `layer_types` (default: those from `max_window_layers` on) marks sliding."""
+    window = hf.get("sliding_window", 4096)  # both configs' default
+    if hf.get("model_type") == "mistral":
+        return window
+    if hf.get("model_type") != "qwen2" or not hf.get("use_sliding_window") or window is None:
+        return None
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else ""
+                                      for i in range(hf["num_hidden_layers"])]
+    return window if "sliding_attention" in types else None
+
+
 class Linear(nn.Module):
-    """y = x W^T with W (features, in), Hugging Face's layout; no bias."""
+    """y = x W^T (+ bias) with W (features, in), Hugging Face's layout."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]))
-        return jnp.einsum("...i,oi->...o", x, w.astype(self.dtype))
+        y = jnp.einsum("...i,oi->...o", x, w.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -124,11 +244,30 @@ class RMSNorm(nn.Module):
         return w.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def inv_frequencies(config: LlamaConfig) -> jax.Array:
+    """(head_dim/2,) float32 rotary frequencies 1 / theta^(2i/d), scaled as
+    transformers 4.57's `_compute_linear_scaling_rope_parameters` and
+    `_compute_llama3_parameters` scale them."""
+    d, scaling = config.head_dim, config.rope_scaling
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding of x (B, t, heads, d) at positions (B, t), Hugging Face's
-    half-split convention: pairs (i, i + d/2) rotate by position / theta^(2i/d)."""
+    half-split convention: pairs (i, i + d/2) rotate by position * inv_freq[i]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # (d/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, t, d/2)
     cos, sin = (jnp.concatenate([f(angles)] * 2, axis=-1)[:, :, None, :] for f in (jnp.cos, jnp.sin))
     half = jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
@@ -146,10 +285,14 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         heads, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = Linear(heads * hd, self.dtype, name="q_proj")(x).reshape(b, t, heads, hd)
-        k = Linear(kv * hd, self.dtype, name="k_proj")(x).reshape(b, t, kv, hd)
-        v = Linear(kv * hd, self.dtype, name="v_proj")(x).reshape(b, t, kv, hd)
-        q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
+        if c.sliding_window is not None and cache[0].shape[1] > c.sliding_window:
+            raise ValueError(f"sliding_window={c.sliding_window} is shorter than the sequence ({cache[0].shape[1]} "
+                             "positions): attention over a sliding window is not implemented")
+        q = Linear(heads * hd, self.dtype, c.qkv_bias, name="q_proj")(x).reshape(b, t, heads, hd)
+        k = Linear(kv * hd, self.dtype, c.qkv_bias, name="k_proj")(x).reshape(b, t, kv, hd)
+        v = Linear(kv * hd, self.dtype, c.qkv_bias, name="v_proj")(x).reshape(b, t, kv, hd)
+        inv_freq = inv_frequencies(c)
+        q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
         keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
         values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
         visible = (jnp.arange(keys.shape[1])[None, :] <= (index + jnp.arange(t))[:, None])[None]  # (1, t, T)
@@ -159,7 +302,7 @@ class Attention(nn.Module):
         logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", weights, values.astype(self.dtype)).reshape(b, t, heads * hd)
-        return Linear(c.hidden_size, self.dtype, name="o_proj")(out), (keys, values)
+        return Linear(c.hidden_size, self.dtype, c.attention_bias, name="o_proj")(out), (keys, values)
 
 
 class MLP(nn.Module):
@@ -171,9 +314,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Linear(c.intermediate_size, self.dtype, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, self.dtype, name="up_proj")(x)
-        return Linear(c.hidden_size, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        gate = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="up_proj")(x)
+        return Linear(c.hidden_size, self.dtype, c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
 
 
 class Layer(nn.Module):
