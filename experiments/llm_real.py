@@ -4,7 +4,7 @@
     python experiments/llm_real.py nll FILE     # one line: nll_per_token X
     python experiments/llm_real.py train --skill arithmetic   # a LoRA specialist (llm_real_train)
     python experiments/llm_real.py gsm8k --problems 100   # chain-of-thought GSM8K, final number exact
-    python experiments/llm_real.py merge --model-a A --model-b B [--plan]   # two HF checkpoints on GSM8K
+    python experiments/llm_real.py merge --model-a A --model-b B [--plan]   # two HF checkpoints on GSM8K (m2n2-merge)
 
 The protocol merges the two committed specialists (experiments/results/llm_real/
 specialists) with every method of llm_real_protocol and writes

@@ -11,10 +11,16 @@ The paper's split: fitness on the first `--fitness-problems` GSM8K training prob
 as in the paper's LLM experiment: archive 15, whole parameter vectors, no mutation,
 `--warmup` random merges first.
 
+Each run is one `m2n2-merge` (m2n2_jax.llm.merge_command, docs/llm_merge.md) of a
+config made from these flags (`config`; the problems written to OUT/gsm8k.jsonl), so
+each writes a complete model, its report.json and curves to OUT/merged
+(OUT/merged-runN with several runs); OUT/gsm8k_merge.json gathers the test accuracies
+and the fitness curves. Runs are made one after another (the mesh's runs count is 1).
+
 `--plan` loads no weight: it reads A_DIR/config.json, compiles one step of the run
 from abstract shapes on the mesh (`mj.memory_plan`), prints the per-device memory and
-writes it to OUT/plan.json,
-so a user sees whether the run fits before loading 2 x 13 GB. Planning for 8 GPUs
+writes it to OUT/plan.json (prompts of --prompt-length columns; a run pads them to the
+longest), so a user sees whether the run fits before loading 2 x 13 GB. Planning for 8 GPUs
 on a CPU needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
@@ -27,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import m2n2_jax as mj
 from m2n2_jax.llm import decode, gsm8k, hf, llama
@@ -69,89 +74,91 @@ def parse(argv):
         p.error(f"--mesh must be three counts runs,data,model, got {args.mesh!r}")
     if not args.plan and not args.model_b:
         p.error("--model-b is needed to run (only --plan works from one config)")
+    if not args.plan and args.mesh[0] != 1:
+        p.error(f"--mesh: runs are made one after another (m2n2-merge): its runs count must be 1, got {args.mesh}")
     return args
 
 
-def problems_batch(tokenizer, items, prompt: str, length: int, pad_id: int):
-    """(prompts (M, length), mask, gold (M,) int32) of GSM8K problems."""
+def main(argv) -> dict:
+    args = parse(argv)
+    if args.plan:
+        return plan(args)
+    from m2n2_jax.llm import merge_command
+
+    t0 = time.perf_counter()
+    data = write_problems(args)
+    reports = [merge_command.merge(merge_command.validate(config(args, data, run))) for run in range(args.runs)]
+    record = {"experiment": "gsm8k_merge", "model_a": args.model_a, "model_b": args.model_b,
+              "test_accuracy": {"model-a": reports[0]["seeds"][0]["test"], "model-b": reports[0]["seeds"][1]["test"],
+                                "m2n2": [r["merged"]["test"] for r in reports]},
+              "fitness_curve": {"forward_passes": reports[0]["curves"]["evaluations"],
+                                "train_score": [r["curves"]["best_fitness"] for r in reports]},
+              "models": [r["settings"]["output"] for r in reports],
+              "seconds": time.perf_counter() - t0, "settings": {k: v for k, v in vars(args).items()}}
+    with open(os.path.join(args.out, "gsm8k_merge.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(json.dumps(record["test_accuracy"]))
+    return record
+
+
+def write_problems(args) -> str:
+    """OUT/gsm8k.jsonl: the first --fitness-problems training problems, then the first
+    --test-problems test problems (the command's fitness rows, then its test rows)."""
+    from experiments import llm_real_data
+
+    rows = (llm_real_data.problems("fitness")[:args.fitness_problems]
+            + llm_real_data.problems("test")[:args.test_problems])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gsm8k.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
+    return path
+
+
+def config(args, data: str, run: int) -> dict:
+    """The `m2n2-merge` config of run `run` (seed --seed + run): M2N2 with an archive of
+    whole models, into OUT/merged (OUT/merged-run{run} with several runs)."""
     from experiments import llm_real
 
-    ids = [tokenizer.encode(llm_real.gsm8k_prompt(prompt, item["question"])).ids for item in items]
-    tokens, mask = decode.left_pad(ids, pad_id, length)
-    return tokens, mask, np.asarray([gsm8k.gold(item["answer"]) for item in items], np.int32)
+    template = gsm8k.chat_prompt("{question}") if args.prompt == "chatml" else llm_real.PROMPTS[args.prompt]
+    return {"models": [args.model_a, args.model_b], "method": "m2n2", "archive": "models",
+            "task": {"kind": "gsm8k", "data": data, "fitness": args.fitness_problems, "test": args.test_problems,
+                     "template": template},
+            "evaluations": args.forward_passes, "archive_size": args.archive_size, "warmup": args.warmup,
+            "seed": args.seed + run, "max_new_tokens": args.max_new_tokens, "batch_size": args.chunk_size,
+            "mesh": list(args.mesh[1:]), "archive_memory": args.archive_memory, "dtype": args.dtype,
+            "output": os.path.join(args.out, "merged" if args.runs == 1 else f"merged-run{run}")}
 
 
-def main(argv) -> dict:
-    from experiments import harness, llm_real, llm_real_data
-
-    args = parse(argv)
+def plan(args) -> dict:
+    """The per-device memory of one step from A_DIR/config.json alone (OUT/plan.json)."""
     dtype = jnp.dtype(args.dtype)
     mesh = jax.make_mesh(args.mesh, ("runs", "data", "model"))
     config = llama.LlamaConfig.from_json(args.model_a)
     model = llama.Llama(config, dtype=dtype)
     algorithm = mj.M2N2(archive_size=args.archive_size, mutation=False)
     params = algorithm.default_params().replace(warmup=jnp.int32(args.warmup))
-    if args.plan:
-        shapes = {"params": hf.from_hf_tensors(config, {n: jax.ShapeDtypeStruct(s, dtype) for n, s in
-                                                                hf.expected_shapes(config).items()},
-                                                       dtype=None)["params"]}
-        score_fn = _plan_score_fn(model, args.max_new_tokens)
-        data = (jax.ShapeDtypeStruct((args.fitness_problems, args.prompt_length), jnp.int32),
-                jax.ShapeDtypeStruct((args.fitness_problems, args.prompt_length), jnp.bool_),
-                jax.ShapeDtypeStruct((args.fitness_problems,), jnp.int32))
-        plan = mj.memory_plan(algorithm, score_fn, shapes, data, num_seeds=2, params=params, mesh=mesh,
-                              archive_memory=args.archive_memory, chunk_size=args.chunk_size)
-        record = {"config": args.model_a, "parameters": mj.num_params(shapes), "mesh": list(args.mesh),
-                  "archive_size": args.archive_size, "archive_memory": args.archive_memory, "dtype": args.dtype,
-                  "chunk_size": args.chunk_size, "prompt_length": args.prompt_length,
-                  "max_new_tokens": args.max_new_tokens, "fitness_problems": args.fitness_problems,
-                  "device_kind": jax.devices()[0].device_kind,
-                  **{k: int(v) for k, v in plan.items()}}
-        print(f"per device: arguments {plan['argument_bytes'] / GIB:.2f} GiB, temporaries "
-              f"{plan['temp_bytes'] / GIB:.2f} GiB, host {plan['host_bytes'] / GIB:.2f} GiB "
-              f"({record['parameters']:,} parameters, archive {args.archive_size}, {args.dtype}, mesh {args.mesh})")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "plan.json"), "w") as f:
-            json.dump(record, f, indent=1)
-        return record
-
-    tokenizer = hf.load_tokenizer(args.model_a)
-    stops = llm_real.stop_ids(tokenizer)
-    seeds = []
-    for path in (args.model_a, args.model_b):
-        other, weights = hf.load_hf(path, dtype=dtype)
-        if other != config:
-            raise ValueError(f"{path}'s config differs from {args.model_a}'s: both must be one architecture")
-        seeds.append(weights)
-    fitness = problems_batch(tokenizer, llm_real_data.problems("fitness")[:args.fitness_problems], args.prompt,
-                             args.prompt_length, stops[0])
-    test = problems_batch(tokenizer, llm_real_data.problems("test")[:args.test_problems], args.prompt,
-                          args.prompt_length, stops[0])
-    score_fn = gsm8k.final_number_scores(model, tokenizer, args.max_new_tokens, stops, stops[0])
-    t0 = time.perf_counter()
-    result = mj.run(algorithm, harness.run_keys(args.seed, args.runs), score_fn, fitness, args.forward_passes,
-                    params=params, seed_models=seeds, mesh=mesh, archive_memory=args.archive_memory,
-                    chunk_size=args.chunk_size, log_every=max(1, args.forward_passes // 20), name="m2n2 gsm8k")
-    chunked = jax.jit(lambda p, batch: jax.lax.map(lambda b: score_fn(p, b), batch))
-
-    def accuracy(p) -> float:
-        m = test[0].shape[0]
-        pad = -m % args.chunk_size
-        batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]).reshape(
-            -1, args.chunk_size, *x.shape[1:]), test)
-        return float(np.asarray(chunked(p, batch)).reshape(-1)[:m].mean())
-
-    record = {"experiment": "gsm8k_merge", "model_a": args.model_a, "model_b": args.model_b,
-              "test_accuracy": {"model-a": accuracy(seeds[0]), "model-b": accuracy(seeds[1]),
-                                "m2n2": [accuracy(jax.tree.map(lambda x, r=r: x[r], result.best_models))
-                                         for r in range(args.runs)]},
-              "fitness_curve": {"forward_passes": result.passes.tolist(),
-                                "train_score": result.metrics["train_score"].tolist()},
-              "seconds": time.perf_counter() - t0, "settings": {k: v for k, v in vars(args).items()}}
+    shapes = {"params": hf.from_hf_tensors(config, {n: jax.ShapeDtypeStruct(s, dtype) for n, s in
+                                                        hf.expected_shapes(config).items()},
+                                               dtype=None)["params"]}
+    score_fn = _plan_score_fn(model, args.max_new_tokens)
+    data = (jax.ShapeDtypeStruct((args.fitness_problems, args.prompt_length), jnp.int32),
+            jax.ShapeDtypeStruct((args.fitness_problems, args.prompt_length), jnp.bool_),
+            jax.ShapeDtypeStruct((args.fitness_problems,), jnp.int32))
+    plan = mj.memory_plan(algorithm, score_fn, shapes, data, num_seeds=2, params=params, mesh=mesh,
+                          archive_memory=args.archive_memory, chunk_size=args.chunk_size)
+    record = {"config": args.model_a, "parameters": mj.num_params(shapes), "mesh": list(args.mesh),
+              "archive_size": args.archive_size, "archive_memory": args.archive_memory, "dtype": args.dtype,
+              "chunk_size": args.chunk_size, "prompt_length": args.prompt_length,
+              "max_new_tokens": args.max_new_tokens, "fitness_problems": args.fitness_problems,
+              "device_kind": jax.devices()[0].device_kind,
+              **{k: int(v) for k, v in plan.items()}}
+    print(f"per device: arguments {plan['argument_bytes'] / GIB:.2f} GiB, temporaries "
+          f"{plan['temp_bytes'] / GIB:.2f} GiB, host {plan['host_bytes'] / GIB:.2f} GiB "
+          f"({record['parameters']:,} parameters, archive {args.archive_size}, {args.dtype}, mesh {args.mesh})")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gsm8k_merge.json"), "w") as f:
+    with open(os.path.join(args.out, "plan.json"), "w") as f:
         json.dump(record, f, indent=1)
-    print(json.dumps(record["test_accuracy"]))
     return record
 
 

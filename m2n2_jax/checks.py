@@ -23,7 +23,8 @@ def stack_models(models: Sequence) -> object:
     for i, model in enumerate(models[1:], start=1):
         leaves, treedef = jax.tree.flatten_with_path(model)
         if treedef != ref_def:
-            raise ValueError(f"seed model {i} has a different pytree structure than model 0: {treedef} vs {ref_def}")
+            raise ValueError(f"seed model {i} has a different pytree structure than model 0: "
+                             f"{_structure_difference(ref_leaves, leaves, i)}")
         for (path, x), (_, y) in zip(leaves, ref_leaves):
             if jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y):
                 raise ValueError(
@@ -31,6 +32,23 @@ def stack_models(models: Sequence) -> object:
                     f"model 0 has {jnp.result_type(y)}{list(jnp.shape(y))}; all seed models must match"
                 )
     return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+
+
+def _structure_difference(leaves_0, leaves_i, i: int) -> str:
+    """The first place where two flattened pytrees ([(path, leaf)]) differ, short: the
+    shortest path in one model only, e.g. "['params']['layers_02'] only in model 1"."""
+    paths = {0: [tuple(p) for p, _ in leaves_0], i: [tuple(p) for p, _ in leaves_i]}
+    for own, other in ((0, i), (i, 0)):
+        leaves = set(paths[other])
+        prefixes = {p[:k] for p in paths[other] for k in range(len(p) + 1)}
+        for path in paths[own]:
+            if path in leaves:
+                continue
+            short = next((path[:k] for k in range(1, len(path) + 1) if path[:k] not in prefixes), None)
+            if short is None:
+                return f"{jax.tree_util.keystr(path)} is a leaf in model {own} and a subtree in model {other}"
+            return f"{jax.tree_util.keystr(short)} only in model {own}"
+    return "same paths, other node types (e.g. a tuple for a list, or another class)"
 
 
 def check_float_leaves(tree, what: str) -> None:

@@ -200,7 +200,9 @@ def run(
         the budget, the keys, the seeds, the training data and the score_fn's name match.
       time_limit: seconds; stop after the first call that ends past it (on process 0's
         clock). The result then ends at the passes actually spent, its last point measured there.
-      progress: show a progress bar (on process 0 only).
+      progress: show a progress bar (on process 0 only): "compiling" until the first
+        compiled call returns (its rate and ETA count the calls after it), then `name`
+        and the best training score logged so far.
       name: the progress bar's label (default: the algorithm's class name).
 
     Returns:
@@ -229,12 +231,44 @@ def run(
     state, log, done, saved = _start_or_resume(layout, plan, store, seeds, init_keys, run_keys, params, data,
                                                test_data)
     del seeds  # placed copies: with a large model, device memory the steps need
-    bar = tqdm(total=layout.num_runs * plan.passes(plan.num_steps), initial=layout.num_runs * plan.passes(done),
-               unit="pass", disable=not progress or jax.process_index() != 0, desc=name or type(algorithm).__name__)
+    bar = _Progress(tqdm(total=layout.num_runs * plan.passes(plan.num_steps),
+                         initial=layout.num_runs * plan.passes(done), unit="pass",
+                         disable=not progress or jax.process_index() != 0, desc="compiling"),
+                    name or type(algorithm).__name__, log)
     state, done, stopped = _loop(layout, plan, store, state, log, done, saved, evo_keys, run_keys, params, data,
                                  test_data, time_limit, bar)
     bar.close()
     return _finish(layout, plan, state, log, done, stopped, params, test_data)
+
+
+class _Progress:
+    """`run`'s progress bar: "compiling" until the first compiled call returns, whose
+    time (mostly compilation) is then kept out of the rate and the ETA; the best
+    training score logged so far (over the runs) in the postfix."""
+
+    def __init__(self, bar, desc: str, log: _Log):
+        self.bar, self.desc, self.log, self.best, self.compiling = bar, desc, log, -np.inf, True
+        self._note(np.concatenate(log.metrics["train_score"], axis=1))  # the seeds' (or the resumed run's)
+
+    def _note(self, train_scores) -> None:
+        finite = np.asarray(train_scores)[np.isfinite(train_scores)]
+        self.best = max(self.best, float(finite.max())) if finite.size else self.best
+        self.bar.set_postfix_str(f"best {self.best:.4f}", refresh=False)
+
+    def update(self, passes: int) -> None:
+        """After each compiled call (`log` already holds its metrics)."""
+        self._note(self.log.metrics["train_score"][-1])
+        if not self.compiling:
+            self.bar.update(passes)
+            return
+        self.compiling = False  # the clock restarts here: the rate counts the calls after this one
+        self.bar.set_description_str(self.desc, refresh=False)
+        self.bar.n = self.bar.initial = self.bar.last_print_n = self.bar.n + passes
+        self.bar.start_t = self.bar.last_print_t = time.time()
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _check_arguments(algorithm, key, params, data, test_data, **settings):

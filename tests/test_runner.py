@@ -26,6 +26,7 @@ import pytest
 
 import m2n2_jax as mj
 from experiments import methods
+from m2n2_jax.checks import stack_models
 
 ALGO, PARAMS = methods.make_method("m2n2", P.SETTINGS)  # M2N2(archive_size=20), mutation_std 0.05
 N, S = ALGO.archive_size, 2  # archive slots, seed models per run
@@ -297,6 +298,25 @@ def test_seed_models_must_match():
         mj.run(ALGO, P.KEYS, P.score_fn, P.TRAIN, 10, seed_models=[a, {"other": a}], progress=False)
 
 
+def test_seeds_of_another_structure_name_the_first_path_that_differs():
+    """2 vs 3 layers: the message names the layer, not two whole tree definitions."""
+    layer = {"attn": {"weight": jnp.zeros((2, 2))}, "norm": {"weight": jnp.ones(2)}}
+    three = {"params": {"embed": jnp.zeros((3, 2)), **{f"layers_{i:02d}": layer for i in range(3)}}}
+    two = {"params": {k: v for k, v in three["params"].items() if k != "layers_02"}}
+    for models, message in [([two, three], "seed model 1 has a different pytree structure than model 0: "
+                                           "['params']['layers_02'] only in model 1"),
+                            ([three, three, two], "seed model 2 has a different pytree structure than model 0: "
+                                                  "['params']['layers_02'] only in model 0")]:
+        with pytest.raises(ValueError) as error:
+            stack_models(models)
+        assert str(error.value) == message
+    with pytest.raises(ValueError, match=r"\['b'\] is a leaf in model 0 and a subtree in model 1"):
+        stack_models([{"a": jnp.zeros(1), "b": jnp.zeros(1)}, {"a": jnp.zeros(1), "b": {"c": jnp.zeros(1)}}])
+    with pytest.raises(ValueError, match="same paths, other node types") as error:
+        stack_models([(jnp.zeros(1), jnp.zeros(1)), [jnp.zeros(1), jnp.zeros(1)]])
+    assert len(str(error.value)) < 300
+
+
 def test_unknown_method_and_missing_settings():
     with pytest.raises(ValueError, match="unknown method 'cma'"):
         methods.make_method("cma")
@@ -405,3 +425,31 @@ def test_run_logs_exactly_the_schedules_points():
     result = base_run()
     plan = mj.schedule(2, 1, 60, 10)
     np.testing.assert_array_equal(result.passes, plan.passes(np.flatnonzero(plan.log)))
+
+
+def test_progress_shows_compilation_as_its_own_phase_and_the_best_train_score(monkeypatch):
+    """The bar says "compiling" until the first compiled call returns; then its clock
+    restarts and its initial count is the passes of that call, so the rate and the
+    ETA leave the compilation out. Its postfix is the best training score so far."""
+    import io
+
+    from tqdm.std import tqdm as plain_tqdm
+
+    from m2n2_jax import runner
+
+    bars = []
+
+    def recording_tqdm(**kwargs):
+        bar = plain_tqdm(file=io.StringIO(), mininterval=0, **kwargs)
+        bars.append((bar, bar.start_t))
+        return bar
+
+    monkeypatch.setattr(runner, "tqdm", recording_tqdm)
+    result = mj.run(ALGO, P.KEYS, P.score_fn, TRAIN_ON_1, 60, params=PARAMS, seed_models=MODELS, test_data=P.TEST,
+                    metrics_fn=counted_metrics, log_every=10, steps_per_call=7)
+    (bar, created), text = bars[0], bars[0][0].fp.getvalue()
+    assert text.index("compiling") < text.index("M2N2") and "compiling" not in text[text.index("M2N2"):]
+    assert bar.initial == 3 * (S + 7) and bar.n == 3 * 60  # 3 runs; the first call's 7 steps left out
+    assert bar.start_t > created
+    best = max(result.train_score.max(), max(np_mlp_accuracy(m, P.TRAIN) for m in MODELS))
+    assert bar.postfix == f"best {best:.4f}" and text.rstrip().endswith(f"best {best:.4f}]")

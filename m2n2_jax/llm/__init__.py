@@ -6,9 +6,11 @@
   saved folder is a complete model: its source's tokenizer and generation config,
   every config key carried through, a model card);
 - `decode`: batched greedy decoding with a key/value cache, exact-match scoring;
-- `gsm8k`: GSM8K scored as the paper scores it.
+- `gsm8k`: GSM8K scored as the paper scores it;
+- `scores`: the merge command's task kinds (exact_match, choice, nll, gsm8k) from JSONL rows;
+- `merge_command`: `m2n2-merge CONFIG.yaml`, a user's merge in one command (docs/llm_merge.md).
 
 Nothing in the core package imports this subpackage (`import m2n2_jax` stays lean);
 import it explicitly: `from m2n2_jax.llm import hf, llama`. Reading GGUF files and
-tokenizers needs the `llm` extra.
+tokenizers, and the command's YAML, need the `llm` extra.
 """
