@@ -22,9 +22,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # The longest files first (measured, docs/test_suite.md): `make test` hands whole files
 # to two workers in collection order (--no-loadscope-reorder), so the long ones start at
 # once and the short ones fill in after, instead of a long file starting last.
-SLOW_FIRST = ("test_llm_real.py", "test_merge_command.py", "test_lm_skills.py", "test_diffusion_experiment.py", "test_llama.py",
-              "test_contract.py", "test_pretrained.py", "test_m2n2.py", "test_transformer.py", "test_diffusion.py",
-              "test_experiments.py")
+SLOW_FIRST = ("test_llm_real.py", "test_merge_command.py", "test_lm_skills.py", "test_diffusion_experiment.py",
+              "test_llama.py", "test_contract.py", "test_pretrained.py", "test_m2n2.py", "test_transformer.py",
+              "test_diffusion.py", "test_experiments.py")
 
 
 def pytest_collection_modifyitems(items):
