@@ -264,7 +264,8 @@ class _Progress:
         self.compiling = False  # the clock restarts here: the rate counts the calls after this one
         self.bar.set_description_str(self.desc, refresh=False)
         self.bar.n = self.bar.initial = self.bar.last_print_n = self.bar.n + passes
-        self.bar.start_t = self.bar.last_print_t = time.time()
+        if not self.bar.disable:  # tqdm's own clock (a disabled bar has none)
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
         self.bar.refresh()
 
     def close(self) -> None:

@@ -207,4 +207,5 @@ def test_progress_is_labelled_by_the_name(name, label, monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
     run(progress=True, name=name)
-    assert err.getvalue().lstrip("\r").startswith(label + ":"), err.getvalue()[:80]
+    shown = err.getvalue().lstrip("\r")
+    assert shown.startswith("compiling:") and "\r" + label + ":" in shown, shown[:160]

@@ -217,8 +217,15 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(seeds):
     while merge_command.latest_checkpoint(str(seeds / "ckpt-interrupted")) is None and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    assert process.poll() is None, "the run ended before it was interrupted"
+    err = None
+    for _ in range(3):  # once, under load, a single SIGINT went unnoticed (docs/llm_merge.md): press again
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=40)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     at = merge_command.latest_checkpoint(str(seeds / "ckpt-interrupted"))
     assert process.returncode == 130, err
     assert f"rerun the same command to resume from evaluation {at}" in err
