@@ -53,13 +53,13 @@ def base_model():
 
 def skill_scores(model, tokenizer, source: str, count: int, seed: int, skills=None) -> dict:
     """{skill: (question batch, ...)} -> a function params -> {skill: accuracy} on
-    `count` questions per skill of `source` (exact match of the greedy answer)."""
+    `count` questions per skill of `source` (exact match of the greedy answer, scored
+    without decoding: `decode.forced_exact_match_scores`)."""
     from experiments import llm_real_data
 
-    score = jax.jit(decode.exact_match_scores(model, [STOP], PAD))
-    batches = {s: decode.answer_batch(*llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count,
-                                                                                                     seed)), PAD)
-               for s in skills or llm_real_data.SKILLS}
+    score = jax.jit(decode.forced_exact_match_scores(model))
+    encode = lambda s: llm_real_data.encode(tokenizer, llm_real_data.questions(s, source, count, seed))
+    batches = {s: decode.forced_batch(*encode(s), [STOP], PAD) for s in skills or llm_real_data.SKILLS}
     return lambda params: {s: float(np.mean(score(params, b))) for s, b in batches.items()}
 
 
@@ -329,7 +329,7 @@ def paths(argv) -> dict:
     for k in args.layer_splits:
         candidates[f"a below layer {k}, b above"] = lambda k=k: split_point_slerp(a, b, 0.0, before(k))
         candidates[f"b below layer {k}, a above"] = lambda k=k: split_point_slerp(a, b, 1.0, before(k))
-    score = jax.jit(decode.exact_match_scores(model, [STOP], PAD))
+    score = jax.jit(decode.forced_exact_match_scores(model))
     sets = {name: llm_real_protocol.batches(tokenizer, count, name, 0)
             for name, count in (("fitness", args.fitness_questions), ("test", args.test_questions))}
     weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}

@@ -73,22 +73,28 @@ def release_host_memory(programs: bool = False) -> None:
         pass
 
 
-def batches(tokenizer, count: int, source: str, seed: int) -> tuple[tuple, np.ndarray]:
-    """(answer_batch of `count` questions per skill of `source`, (M,) skill index)."""
+def questions(tokenizer, count: int, source: str, seed: int) -> tuple[list, list, np.ndarray]:
+    """(prompt ids, answer ids, (M,) skill index) of `count` questions per skill of `source`."""
     prompts, answers, skill = [], [], []
     for i, name in enumerate(llm_real_data.SKILLS):
         p, a = llm_real_data.encode(tokenizer, llm_real_data.questions(name, source, count, seed))
         prompts += p
         answers += a
         skill += [i] * len(p)
-    return decode.answer_batch(prompts, answers, pad_id=2), np.asarray(skill)
+    return prompts, answers, np.asarray(skill)
+
+
+def batches(tokenizer, count: int, source: str, seed: int) -> tuple[tuple, np.ndarray]:
+    """(`decode.forced_batch` of `questions`, (M,) skill index), for `score_fn`."""
+    prompts, answers, skill = questions(tokenizer, count, source, seed)
+    return decode.forced_batch(prompts, answers, stop_tokens=[2], pad_id=2), skill  # 2: <|im_end|>
 
 
 def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
     """Every method of `spec.methods` on the pair: the record of llm_real.json."""
     t_start = time.perf_counter()
     names = llm_real_data.SKILLS
-    score_fn = decode.exact_match_scores(model, [2], 2)
+    score_fn = decode.forced_exact_match_scores(model)  # greedy decoding's exact match, without decoding
     fitness, fitness_skill = batches(tokenizer, spec.fitness_questions, "fitness", spec.data_seed)
     test, test_skill = batches(tokenizer, spec.test_questions, "test", spec.data_seed)
     weights, test_weights = lm_protocol.skill_weights(fitness_skill), lm_protocol.skill_weights(test_skill)

@@ -19,7 +19,7 @@ evaluations per run on the training questions (the seeds included), no mutation:
 - linear, slerp, task_arithmetic, ties, dare: the static operators with the grid point
   that scores best on the training questions (a reference outside the comparison).
 
-The two skills count equally, whatever their number of training questions, in every
+The skills count equally, whatever their number of training questions, in every
 method's objective: M2N2's capacities (`question_weights`), the CMA-ES fitness
 (`skill_weighted`) and the model returned. MAP-Elites ranks a cell's models by the
 mean over its questions (its cells already separate the skills).
@@ -43,7 +43,6 @@ import numpy as np
 import m2n2_jax as mj
 from experiments import harness, lm_analysis, lm_operators, methods
 from experiments.lm_models import load_or_train, make_model
-from m2n2_jax import archive
 from m2n2_jax.tasks import skills
 from m2n2_jax.tasks.transformer import mixed_scores, per_skill_batch
 
@@ -73,12 +72,26 @@ def algorithm(name: str, models: dict, skill_of_point, spec):
     return algo, params, [models["base"], *pair] if name == "cma-es-task-arithmetic" else pair
 
 
-def question_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
-    """(M,) float32: M / (K n_k) for a question of skill k (n_k questions): mean 1, and
-    each skill's questions weigh M / K in all. M2N2's `Params.capacity` (times the
-    "max" rule), so that each skill supplies an equal share of the resources."""
-    counts = np.bincount(np.asarray(skill_of_point), minlength=num_skills)
-    return jnp.asarray(len(skill_of_point) / (num_skills * counts[np.asarray(skill_of_point)]), jnp.float32)
+def skill_counts(skill_of_point: np.ndarray) -> np.ndarray:
+    """(K,) the questions of each skill 0..K-1 (K: the largest index + 1); a skill with
+    none, whose mean would be undefined, is refused by index."""
+    skill_of_point = np.asarray(skill_of_point)
+    if skill_of_point.ndim != 1 or not len(skill_of_point) or skill_of_point.min() < 0:
+        raise ValueError(f"skill_of_point must be a non-empty (M,) array of skill indices >= 0, got {skill_of_point}")
+    counts = np.bincount(skill_of_point)
+    if not counts.all():
+        empty = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"skills {empty} have no question (skills 0..{len(counts) - 1})")
+    return counts
+
+
+def question_weights(skill_of_point: np.ndarray) -> jax.Array:
+    """(M,) float32: M / (K n_k) for a question of skill k (n_k questions, K skills):
+    mean 1, and each skill's questions weigh M / K in all. M2N2's `Params.capacity`
+    (times the "max" rule), so that each skill supplies an equal share of the
+    resources; the mean of scores times these weights is the mean of the skills' means."""
+    counts = skill_counts(skill_of_point)
+    return jnp.asarray(len(skill_of_point) / (len(counts) * counts[np.asarray(skill_of_point)]), jnp.float32)
 
 
 def skill_weighted(score_fn, skill_of_point):
@@ -90,23 +103,24 @@ def skill_weighted(score_fn, skill_of_point):
     return lambda params, batch: score_fn(params, batch) * scale
 
 
-def skill_weights(skill_of_point: np.ndarray, num_skills: int = 2) -> jax.Array:
-    """(M, K) float32: scores (.., M) @ weights = each skill's mean score, so that skills
-    count equally whatever their number of questions."""
-    onehot = (np.asarray(skill_of_point)[:, None] == np.arange(num_skills)).astype(np.float32)
+def skill_weights(skill_of_point: np.ndarray) -> jax.Array:
+    """(M, K) float32: scores (.., M) @ weights = each of the K skills' mean score, so
+    that skills count equally whatever their number of questions."""
+    k = len(skill_counts(skill_of_point))
+    onehot = (np.asarray(skill_of_point)[:, None] == np.arange(k)).astype(np.float32)
     return jnp.asarray(onehot / onehot.sum(0))
 
 
 def returned_model(algo, state, params, score_fn, train, weights):
     """(model, mean of the skills' training scores) of the model a method returns: the
-    archive member with the best mean of the skills (archive methods), else the
-    algorithm's own best. The runner's default ranks by the mean over questions, which
-    weighs the skills by their numbers of questions (3 : 1 with 120 and 40); the score
-    reported is the mean of the two skills."""
+    algorithm's `best`. An archive's best ranks by the mean over questions, which
+    weighs the skills by their numbers of questions (3 : 1 with 120 and 40), so it
+    ranks an archive whose scores are weighted per question (`question_weights`, from
+    `weights` (M, K)): there, the mean over questions is the mean of the skills."""
     if isinstance(state, mj.Archive):
-        means = jnp.where(state.occupied, (state.scores @ weights).mean(-1), -jnp.inf)
-        index = jnp.argmax(means)
-        return archive.get(state, index), means[index]
+        k = weights.shape[1]
+        per_question = weights.sum(axis=1) * weights.shape[0] / k  # M / (K n_k), question_weights
+        return algo.best(state.replace(scores=state.scores * per_question), params)
     model = algo.best(state, params)[0]
     return model, (score_fn(model, train) @ weights).mean()
 

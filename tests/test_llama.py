@@ -128,6 +128,29 @@ def test_logits_equal_transformers(tiny):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
 
 
+def test_fused_projections_and_the_last_positions_give_transformers_logits(tiny):
+    """`fuse` concatenates q/k/v and gate/up (biases too) for `fused=True`, leaving the
+    model's own leaves as they are; `last` projects the last positions only; the
+    decoder gives transformers' tokens with and without fusing, its cache grown in
+    one phase or in phases of 5 steps or 1."""
+    case, config, params = tiny
+    ids, expected = jnp.asarray(REF[f"{case}/input_ids"]), REF[f"{case}/logits"]
+    fused = llama.fuse(params)
+    logits, _ = llama.Llama(config, fused=True).apply(fused, ids)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
+    logits, _ = llama.Llama(config).apply(params, ids, last=4)
+    assert logits.shape == (2, 4, config.vocab_size)
+    np.testing.assert_allclose(np.asarray(logits), expected[:, -4:], rtol=0, atol=1e-4)
+    layer = fused["params"][config.layer_names[0]]
+    assert set(layer["self_attn"]) == {"qkv_proj", "o_proj"} and set(layer["mlp"]) == {"gate_up_proj", "down_proj"}
+    assert "q_proj" in params["params"][config.layer_names[0]]["self_attn"]
+    tokens, mask = decode.left_pad(_prompts(case), pad_id=0)
+    for on, phase in [(True, 64), (False, 5), (True, 1)]:
+        out = decode.greedy(llama.Llama(config), params, jnp.asarray(tokens), jnp.asarray(mask), 12, [-1], 0, on,
+                            phase)
+        np.testing.assert_array_equal(np.asarray(out), REF[f"{case}/greedy"])
+
+
 def test_batched_greedy_equals_each_prompt_alone(tiny):
     """Left-padded prompts of lengths 9, 4 and 6 in one batch decode as transformers
     decodes each alone (full forward passes, no cache)."""

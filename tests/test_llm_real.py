@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import llm_real, llm_real_data, llm_real_protocol, llm_real_train
+import m2n2_jax as mj
+from experiments import llm_real, llm_real_data, llm_real_protocol, llm_real_train, lm_protocol
 from m2n2_jax.llm import gguf, hf, llama
 from m2n2_jax.tasks import lora
 
@@ -75,7 +76,7 @@ def test_paths_scores_the_ends_of_each_path_as_the_specialists(tiny_base, tiny_s
     monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
     # a score that tells the models apart (the tiny specialists answer nothing right)
     probe = lambda p: (1e3 * sum(x.sum() for x in jax.tree.leaves(p))) % 1.0
-    monkeypatch.setattr(llm_real.decode, "exact_match_scores",
+    monkeypatch.setattr(llm_real.decode, "forced_exact_match_scores",
                         lambda *a: lambda params, batch: jnp.full(batch[0].shape[0], probe(params)))
     out = tmp_path / "paths.json"
     record = llm_real.main(["paths", "--ratios", "0", "0.5", "1", "--scales", "0", "1", "--layer-splits", "1",
@@ -168,3 +169,38 @@ def test_merge_plans_and_runs_two_checkpoints_on_gsm8k(tiny_base, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "gsm8k_merge.json").read_text())
     assert on_disk["test_accuracy"] == record["test_accuracy"] and len(record["test_accuracy"]["m2n2"]) == 1
     assert record["fitness_curve"]["forward_passes"][-1] == 4
+
+
+def test_skill_weights_count_every_skill_and_refuse_an_empty_one():
+    """Three skills of 2, 1 and 3 questions: each skill's mean, and question weights
+    whose weighted mean over questions is the mean of the three skills (a default of
+    two skills gave the third a weight of zero)."""
+    skill = np.array([0, 0, 1, 2, 2, 2])
+    scores = np.array([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_allclose(scores @ np.asarray(lm_protocol.skill_weights(skill)), [0.5, 1.0, 2 / 3], rtol=1e-6)
+    weights = np.asarray(lm_protocol.question_weights(skill))
+    assert weights.mean() == pytest.approx(1.0)
+    assert (scores * weights).mean() == pytest.approx(np.mean([0.5, 1.0, 2 / 3]))
+    with pytest.raises(ValueError, match=r"skills \[1\] have no question"):
+        lm_protocol.skill_weights(np.array([0, 2, 2]))
+
+
+def test_returned_model_is_the_algorithms_best_of_the_skill_weighted_archive():
+    """Slot 0 has the best mean over the 6 questions (5/6) but slot 1 the best mean of
+    the three skills (0.72 against 0.67); the pick is the algorithm's own `best`,
+    called on the archive with its scores weighted per question."""
+    skill = np.array([0, 0, 1, 2, 2, 2])
+    scores = jnp.asarray([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
+    state = mj.Archive(models={"w": jnp.arange(3.0)}, scores=scores, occupied=jnp.array([True, True, False]))
+    seen = []
+
+    class Spy:
+        def best(self, state, params):
+            seen.append(np.asarray(state.scores))
+            return mj.M2N2().best(state, params)
+
+    model, mean = lm_protocol.returned_model(Spy(), state, None, None, None, lm_protocol.skill_weights(skill))
+    assert float(model["w"]) == 1.0 and float(mean) == pytest.approx((0.5 + 1 + 2 / 3) / 3)
+    np.testing.assert_allclose(seen[0], np.asarray(scores) * np.asarray(lm_protocol.question_weights(skill)),
+                               rtol=1e-6)
+    assert int(jnp.argmax(jnp.where(state.occupied, scores.mean(1), -1))) == 0  # the counter-case

@@ -117,7 +117,7 @@ def test_returned_model_is_the_best_mean_of_skills_not_of_questions():
     np.testing.assert_allclose(np.asarray(weights), [[1 / 3, 0], [1 / 3, 0], [1 / 3, 0], [0, 1]])
     scores = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]], jnp.float32)
     archive = mj.Archive(models={"w": jnp.arange(3.0)}, scores=scores, occupied=jnp.array([True, True, False]))
-    model, mean = lm_protocol.returned_model(None, archive, None, None, None, weights)
+    model, mean = lm_protocol.returned_model(mj.M2N2(), archive, None, None, None, weights)
     assert float(model["w"]) == 1.0 and float(mean) == pytest.approx(2 / 3)
     assert int(jnp.argmax(jnp.where(archive.occupied, scores.mean(1), -1))) == 0  # the counter-case
 

@@ -18,10 +18,16 @@ M2N2's split point cuts runs from the embeddings to the last layer (then `lm_hea
 `norm`).
 
 One code path serves scoring and decoding: `__call__(tokens, positions, cache, index,
-key_valid)` writes the keys and values of `tokens` into `cache` at slots index.. and
-attends to the valid slots up to each query's own; a full forward pass is the call
+key_valid, last)` writes the keys and values of `tokens` into `cache` at slots index..
+and attends to the valid slots up to each query's own; a full forward pass is the call
 without a cache. Left-padded batches give each row its own positions and mark the
-padding invalid (`decode`).
+padding invalid (`decode`). `last` projects only the last positions onto the
+vocabulary: a scorer pays for the logits it reads, not for every prompt position.
+
+`Llama(config, fused=True)` reads q/k/v and gate/up as one matrix each (`fuse`): one
+matmul instead of three and two, which pays where the rows are few (batched decoding).
+The stored model keeps Hugging Face's per-projection leaves (M2N2 merges those);
+`fuse` concatenates them once per traced call, outside any decoding loop.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Cache = list  # [(keys, values)] per layer, each (B, T, num_kv_heads, head_dim)
+Cache = list  # [(keys (B, num_kv_heads, head_dim, T), values (B, num_kv_heads, T, head_dim))] per layer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -279,29 +285,40 @@ class Attention(nn.Module):
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, positions, cache, index, key_valid):
         c = self.config
         b, t, _ = x.shape
         heads, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if c.sliding_window is not None and cache[0].shape[1] > c.sliding_window:
-            raise ValueError(f"sliding_window={c.sliding_window} is shorter than the sequence ({cache[0].shape[1]} "
+        if c.sliding_window is not None and cache[1].shape[2] > c.sliding_window:
+            raise ValueError(f"sliding_window={c.sliding_window} is shorter than the sequence ({cache[1].shape[2]} "
                              "positions): attention over a sliding window is not implemented")
-        q = Linear(heads * hd, self.dtype, c.qkv_bias, name="q_proj")(x).reshape(b, t, heads, hd)
-        k = Linear(kv * hd, self.dtype, c.qkv_bias, name="k_proj")(x).reshape(b, t, kv, hd)
-        v = Linear(kv * hd, self.dtype, c.qkv_bias, name="v_proj")(x).reshape(b, t, kv, hd)
+        if self.fused:
+            qkv = Linear((heads + 2 * kv) * hd, self.dtype, c.qkv_bias, name="qkv_proj")(x)
+            q, k, v = jnp.split(qkv, [heads * hd, (heads + kv) * hd], axis=-1)
+        else:
+            q, k, v = (Linear(n * hd, self.dtype, c.qkv_bias, name=f"{p}_proj")(x)
+                       for n, p in ((heads, "q"), (kv, "k"), (kv, "v")))
+        q, k, v = q.reshape(b, t, heads, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         inv_freq = inv_frequencies(c)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
-        keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-        visible = (jnp.arange(keys.shape[1])[None, :] <= (index + jnp.arange(t))[:, None])[None]  # (1, t, T)
+        # keys (B, kv, hd, T) and values (B, kv, T, hd): both products below are plain
+        # batched matmuls over (B, kv) as laid out. Keys as (B, T, kv, hd) made XLA
+        # transpose or repack the whole cache at every decoding step.
+        keys = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 3, 1).astype(cache[0].dtype),
+                                            (0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype),
+                                              (0, 0, index, 0))
+        visible = (jnp.arange(values.shape[2])[None, :] <= (index + jnp.arange(t))[:, None])[None]  # (1, t, T)
         visible = visible & key_valid[:, None, :]  # (B, t, T)
-        q = q.reshape(b, t, kv, heads // kv, hd)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q, keys.astype(self.dtype)).astype(jnp.float32) / jnp.sqrt(hd)
+        q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # (B, kv, g, t, hd)
+        logits = jnp.einsum("bkgqd,bkds->bkgqs", q, keys.astype(self.dtype)).astype(jnp.float32) / jnp.sqrt(hd)
         logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, values.astype(self.dtype)).reshape(b, t, heads * hd)
+        out = jnp.einsum("bkgqs,bksd->bkgqd", weights, values.astype(self.dtype))
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
         return Linear(c.hidden_size, self.dtype, c.attention_bias, name="o_proj")(out), (keys, values)
 
 
@@ -310,12 +327,17 @@ class MLP(nn.Module):
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="up_proj")(x)
+        if self.fused:
+            gate, up = jnp.split(Linear(2 * c.intermediate_size, self.dtype, c.mlp_bias, name="gate_up_proj")(x), 2,
+                                 axis=-1)
+        else:
+            gate = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="gate_proj")(x)
+            up = Linear(c.intermediate_size, self.dtype, c.mlp_bias, name="up_proj")(x)
         return Linear(c.hidden_size, self.dtype, c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
 
 
@@ -324,30 +346,34 @@ class Layer(nn.Module):
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, positions, cache, index, key_valid):
         eps = self.config.rms_norm_eps
-        h, cache = Attention(self.config, self.dtype, name="self_attn")(
+        h, cache = Attention(self.config, self.dtype, self.fused, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, cache, index, key_valid)
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.config, self.dtype, name="mlp")(h), cache
+        return x + MLP(self.config, self.dtype, self.fused, name="mlp")(h), cache
 
 
 class Llama(nn.Module):
     """A Llama causal language model: logits (B, t, vocab) of tokens (B, t).
 
     `dtype` is the compute dtype (weights are cast to it; norms, rotary angles and
-    softmax run in float32 whatever it is).
+    softmax run in float32 whatever it is). `fused`: the parameters are `fuse`'s.
     """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache: Cache | None = None, index=0, key_valid=None):
-        """(logits (B, t, vocab) float32, cache) of tokens (B, t) int.
+    def __call__(self, tokens, positions=None, cache: Cache | None = None, index=0, key_valid=None,
+                 last: int | None = None):
+        """(logits (B, t, vocab) float32, cache) of tokens (B, t) int; with `last`,
+        logits (B, last, vocab) of the last `last` positions only.
 
         Args:
           positions: (B, t) rotary positions; default index + 0..t-1 for every row.
@@ -355,6 +381,9 @@ class Llama(nn.Module):
             index..index+t-1. Without one, the tokens attend within themselves.
           key_valid: (B, T) bool, the cache slots that hold real tokens (False for
             left padding); default all.
+          last: static; the vocabulary projection, the largest matmul of a small
+            model's token (49,152 x 576 of SmolLM2's 106M others), runs on these
+            positions only.
         """
         c = self.config
         b, t = tokens.shape
@@ -363,14 +392,16 @@ class Llama(nn.Module):
         if cache is None:
             cache = self.empty_cache(b, t)
         if key_valid is None:
-            key_valid = jnp.ones((b, cache[0][0].shape[1]), bool)
+            key_valid = jnp.ones((b, cache_length(cache)), bool)
         embed = self.param("embed_tokens", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size))
         embed = jnp.asarray(embed, self.dtype)
         x = embed[tokens]
         new_cache = []
         for i, name in enumerate(c.layer_names):
-            x, layer_cache = Layer(c, self.dtype, name=name)(x, positions, cache[i], index, key_valid)
+            x, layer_cache = Layer(c, self.dtype, self.fused, name=name)(x, positions, cache[i], index, key_valid)
             new_cache.append(layer_cache)
+        if last is not None:
+            x = x[:, t - last:]
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
         if c.tie_word_embeddings:
             logits = jnp.einsum("bti,vi->btv", x, embed)
@@ -381,8 +412,43 @@ class Llama(nn.Module):
     def empty_cache(self, batch: int, length: int) -> Cache:
         """Zero keys and values for `length` slots of `batch` sequences."""
         c = self.config
-        shape = (batch, length, c.num_key_value_heads, c.head_dim)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
+        kv, hd = c.num_key_value_heads, c.head_dim
+        return [(jnp.zeros((batch, kv, hd, length), self.dtype), jnp.zeros((batch, kv, length, hd), self.dtype))
+                for _ in range(c.num_hidden_layers)]
+
+
+def cache_length(cache: Cache) -> int:
+    """The slots of a cache (T)."""
+    return cache[0][1].shape[2]
+
+
+def extend_cache(cache: Cache, rows: int, width: int) -> Cache:
+    """`rows` copies of a one-row cache, `width` empty slots appended."""
+    grow = lambda x, axis: jnp.concatenate(
+        [jnp.broadcast_to(x, (rows, *x.shape[1:])),
+         jnp.zeros((rows, *x.shape[1:axis], width, *x.shape[axis + 1:]), x.dtype)], axis=axis)
+    return [(grow(keys, 3), grow(values, 2)) for keys, values in cache]
+
+
+FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def fuse(model: dict) -> dict:
+    """The model of `Llama(..., fused=True)`: each layer's q/k/v and gate/up weights
+    (and biases) concatenated along their outputs. A copy of those leaves, made where
+    it is called: call it once per traced function, outside loops."""
+    params = dict(model["params"])
+    for name, layer in params.items():
+        if not name.startswith("layers_"):
+            continue
+        layer = dict(layer)
+        for block, (fused, parts) in FUSED.items():
+            leaves = {k: v for k, v in layer[block].items() if k not in parts}
+            leaves[fused] = {key: jnp.concatenate([layer[block][p][key] for p in parts])
+                             for key in layer[block][parts[0]]}
+            layer[block] = leaves
+        params[name] = layer
+    return {**model, "params": params}
 
 
 def init(net: Llama, key: jax.Array) -> dict:

@@ -5,7 +5,8 @@ whose leaves share a leading axis M, one row each), `scorer` the `score_fn(model
 batch) -> (M,)` scores in [0, 1]:
 
 - `exact_match`, rows {"prompt", "answer"}: 1.0 where the greedy generation is the
-  answer's tokens followed by a stop token (`decode.exact_match_scores`).
+  answer's tokens followed by a stop token, scored without decoding: one forward
+  pass over prompt + answer (`decode.forced_exact_match_scores`).
 - `choice`, rows {"prompt", "choices", "answer": index}: lm-evaluation-harness's
   multiple choice (its `acc`): each choice's log-likelihood given the prompt is the
   sum of its tokens' log-probabilities; 1.0 where the argmax (the first on ties) is
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -104,7 +106,7 @@ def encode(kind: str, tokenizer, rows, template: str, stops: Sequence[int], pad_
 def scorer(kind: str, net: llama.Llama, tokenizer, stops: Sequence[int], pad_id: int, max_new_tokens: int):
     """The score_fn of task `kind` for `encode`'s batches (`max_new_tokens`: gsm8k's)."""
     if kind == "exact_match":
-        return decode.exact_match_scores(net, stops, pad_id)
+        return decode.forced_exact_match_scores(net)
     if kind == "gsm8k":
         return gsm8k.final_number_scores(net, tokenizer, max_new_tokens, stops, pad_id)
     if kind == "choice":
@@ -115,11 +117,11 @@ def scorer(kind: str, net: llama.Llama, tokenizer, stops: Sequence[int], pad_id:
 
 
 def exact_match_batch(tokenizer, rows, template: str, stops: Sequence[int], pad_id: int):
-    """(prompts (M, P), mask (M, P), expected (M, N)): the answer encoded on its own,
+    """`decode.forced_batch` of the prompts and answers: the answer encoded on its own,
     without special tokens, then the first stop token."""
     prompts = [tokenizer.encode(t).ids for t in texts(rows, template)]
     answers = [tokenizer.encode(r["answer"], add_special_tokens=False).ids + [stops[0]] for r in rows]
-    return decode.answer_batch(prompts, answers, pad_id)
+    return decode.forced_batch(prompts, answers, stops, pad_id)
 
 
 def gsm8k_batch(tokenizer, rows, template: str, pad_id: int):
@@ -139,37 +141,85 @@ def choice_pair(tokenizer, prompt: str, choice: str) -> tuple[list[int], list[in
 
 
 def choice_batch(tokenizer, rows, template: str, pad_id: int):
-    """(tokens (M, C, T), targets (M, C, T - 1), valid (M, C), answer (M,)): each
-    choice's sequence right-padded, `targets` marking the positions that predict a
-    choice token; rows with fewer than C choices pad with invalid ones."""
+    """(context (M, P), choices (M, C, K), lengths (M, C), answer (M,)): each row's
+    context ids left-padded with -1, each choice's continuation ids right-padded with
+    `pad_id` and their counts (0: no such choice, in rows with fewer than C). The
+    context is one per row: every choice continues the same ids (`choice_pair`)."""
     pairs = [[choice_pair(tokenizer, p, c) for c in r["choices"]] for p, r in zip(texts(rows, template), rows)]
-    width, most = max(len(a) + len(b) for row in pairs for a, b in row), max(len(row) for row in pairs)
-    tokens = np.full((len(rows), most, width), pad_id, np.int32)
-    targets = np.zeros((len(rows), most, width - 1), bool)
-    valid = np.zeros((len(rows), most), bool)
+    return (*choice_arrays(pairs, pad_id), np.asarray([r["answer"] for r in rows], np.int32))
+
+
+def choice_arrays(pairs: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int):
+    """(context, choices, lengths) of `choice_batch` from each row's (context ids,
+    continuation ids) pairs, one per choice, all of a row sharing its context."""
     for i, row in enumerate(pairs):
         for j, (context, continuation) in enumerate(row):
             if not context or not continuation:
                 raise ValueError(f"choice row {i}, choice {j}: the prompt and the choice must each encode to at "
                                  "least one token")
-            tokens[i, j, :len(context) + len(continuation)] = context + continuation
-            targets[i, j, len(context) - 1:len(context) + len(continuation) - 1] = True
-            valid[i, j] = True
-    return tokens, targets, valid, np.asarray([r["answer"] for r in rows], np.int32)
+            if context != row[0][0]:
+                raise ValueError(f"choice row {i}, choice {j}: every choice of a row must continue the same context")
+    width, most = max(len(b) for row in pairs for _, b in row), max(len(row) for row in pairs)
+    context = np.full((len(pairs), max(len(row[0][0]) for row in pairs)), -1, np.int32)
+    choices = np.full((len(pairs), most, width), pad_id, np.int32)
+    lengths = np.zeros((len(pairs), most), np.int32)
+    for i, row in enumerate(pairs):
+        context[i, context.shape[1] - len(row[0][0]):] = row[0][0]
+        for j, (_, continuation) in enumerate(row):
+            choices[i, j, :len(continuation)] = continuation
+            lengths[i, j] = len(continuation)
+    return context, choices, lengths
 
 
 def choice_scores(net: llama.Llama):
     """score_fn of `choice_batch`'s batches: 1.0 where the valid choice of the largest
-    summed log-likelihood (the first on ties) is the answer."""
+    summed log-likelihood (`choice_logliks`; the first on ties) is the answer."""
 
     def score_fn(model, batch):
-        tokens, targets, valid, answer = batch
-        m, c, t = tokens.shape
-        nll = llama.token_nll(net, model, tokens.reshape(m * c, t), targets.reshape(m * c, t - 1))
-        loglik = jnp.where(valid, -nll.sum(-1).reshape(m, c), -jnp.inf)
+        context, choices, lengths, answer = (jnp.asarray(x) for x in batch)
+        loglik = choice_logliks(net, model, context, choices, lengths)
         return (jnp.argmax(loglik, axis=1) == answer).astype(jnp.float32)
 
     return score_fn
+
+
+def choice_logliks(net: llama.Llama, model, context, choices, lengths) -> jax.Array:
+    """(M, C) float32: each choice's summed token log-probabilities after its row's
+    context (`choice_arrays`' layout), -inf for the choices a row does not have.
+
+    One forward pass reads each row's context and keeps its keys and values; a second
+    reads every choice of every row at once (M x C rows) on that cache. The context's
+    last position gives each choice's first token its log-probability, the choice's
+    own positions the rest; the vocabulary projection runs at those positions only.
+    The sums are those of the full sequence context + choice read in one pass, in
+    another float32 order: ties closer than rounding (~1e-6 of the sums) may break
+    the other way.
+    """
+    (m, p), k = context.shape, choices.shape[2]
+    mask = context >= 0
+    key_valid = jnp.concatenate([mask, jnp.ones((m, k - 1), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = net.apply(model, jnp.maximum(context, 0), positions, net.empty_cache(m, p + k - 1), 0,
+                              key_valid, last=1)
+    first = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0]), choices[:, :, 0], axis=1)  # (M, C)
+    loglik = first + _continuations(net, model, cache, choices, lengths, mask.sum(axis=1), key_valid)
+    return jnp.where(lengths > 0, loglik, -jnp.inf)
+
+
+def _continuations(net, model, cache, choices, lengths, context_lengths, key_valid):
+    """(M, C): the summed log-probabilities of each choice's tokens after its first,
+    the M x C continuations read on the contexts' cache (slots P..P+K-2)."""
+    (m, c, k), p = choices.shape, key_valid.shape[1] - choices.shape[2] + 1
+    if k == 1:
+        return jnp.zeros((m, c), jnp.float32)
+    repeat = lambda x: jnp.repeat(x, c, axis=0)
+    cache = [tuple(repeat(x) for x in layer) for layer in cache]
+    inputs = choices[:, :, :-1].reshape(m * c, k - 1)
+    positions = repeat(context_lengths)[:, None] + jnp.arange(k - 1)
+    logits, _ = net.apply(model, inputs, positions, cache, p, repeat(key_valid))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choices[:, :, 1:].reshape(m * c, k - 1, 1), axis=2)
+    scored = jnp.arange(1, k) < lengths.reshape(m * c, 1)
+    return jnp.where(scored, logp[..., 0], 0.0).sum(axis=1).reshape(m, c)
 
 
 def nll_batch(tokenizer, rows, template: str, pad_id: int):
