@@ -237,7 +237,8 @@ class Spec:
     warmup: int = flag(13, "M2N2's first children merged from random archive members, filling the archive "
                            "(paper: at most 50)", NON_NEGATIVE)
     archive: str = flag("models", "M2N2's archive: whole models, or recipes over the two seeds, in the memory of "
-                                  "the seeds (docs/recipes.md)", choices=("models", "recipes"))
+                                  "the seeds (docs/recipes.md); m2n2-task-vectors keeps whole models either way "
+                                  "(its magnitudes leave the seeds' span)", choices=("models", "recipes"))
     population: int = flag(8, "CMA-ES population (paper: 25, for 1,000 evaluations)", AT_LEAST_2)
     std_init: float = flag(0.2, "CMA-ES initial step size over the slerp ratios", POSITIVE)
     magnitude_std: float = flag(0.05, "m2n2-task-vectors: std of the log of each unit's magnitude", NON_NEGATIVE)
@@ -253,9 +254,6 @@ class Spec:
         if unknown or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods: unknown or repeated {unknown or list(self.methods)}; "
                              f"choose from {', '.join(_methods())}")
-        if self.archive == "recipes" and "m2n2-task-vectors" in self.methods:
-            raise ValueError("--archive recipes: m2n2-task-vectors cannot keep its archive as recipes (its "
-                             "magnitudes leave the seeds' span; docs/recipes.md): leave it out of --methods")
         if self.forward_passes < 2 + self.population:
             raise ValueError(f"--forward-passes must be >= 2 seeds + --population ({2 + self.population}), "
                              f"got {self.forward_passes}")

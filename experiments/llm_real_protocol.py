@@ -29,6 +29,7 @@ of the skills on the fitness questions. Finished runs are kept in
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -88,6 +89,15 @@ def batches(tokenizer, count: int, source: str, seed: int) -> tuple[tuple, np.nd
     """(`decode.forced_batch` of `questions`, (M,) skill index), for `score_fn`."""
     prompts, answers, skill = questions(tokenizer, count, source, seed)
     return decode.forced_batch(prompts, answers, stop_tokens=[2], pad_id=2), skill  # 2: <|im_end|>
+
+
+M2N2_METHODS = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", methods.TASK_VECTORS)
+
+
+def method_archive(name: str, archive: str) -> str:
+    """The archive an M2N2 method keeps under `--archive`: m2n2-task-vectors keeps
+    whole models (a task vector's magnitude scaling leaves the seeds' span)."""
+    return "models" if name == methods.TASK_VECTORS else archive
 
 
 def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
@@ -156,7 +166,9 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                                       "seconds": time.perf_counter() - t}]})
             log(f"{name}: {done[name]['runs'][0]}")
             continue
-        algo, params = methods.make_method(name, settings_)
+        archive = method_archive(name, spec.archive)
+        algo, params = methods.make_method(name, dataclasses.replace(
+            settings_, m2n2=dataclasses.replace(settings_.m2n2, archive=archive)))
         seeds = [pair["specialist_a"], pair["specialist_b"]]
 
         def metrics_fn(state, params_, _test, algo=algo):
@@ -180,7 +192,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                            "curve": {"forward_passes": result.passes.tolist(),
                                      "fitness_skill_mean": result.metrics["fitness_skill_mean"][0].tolist()},
                            "evolution_seconds": result.wall_seconds, "seconds": time.perf_counter() - t,
-                           "evaluations": int(result.passes[-1])})
+                           "evaluations": int(result.passes[-1]), "archive": archive})
                 del result, chosen
                 release_host_memory()
             log(f"{name} run {r}: test {done[key]['test']}, {done[key]['evolution_seconds']:.0f} s")
@@ -208,6 +220,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
         "seconds_per_evaluation_in_runs": (sum(e["evolution_seconds"] for e in evolution) / evaluations
                                            if evaluations else None),
         "evaluations": evaluations,
+        "archive": {m: method_archive(m, spec.archive) for m in spec.methods if m in M2N2_METHODS},
         "fitness_questions_per_skill": spec.fitness_questions,
         "test_questions_per_skill": spec.test_questions,
         "wall_seconds": time.perf_counter() - t_start,

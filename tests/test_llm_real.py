@@ -48,7 +48,7 @@ def test_protocol_writes_the_json_contract(tiny_base, tiny_specialists, tmp_path
         log = json.loads((tiny_specialists / f"{skill}_train.json").read_text())
         assert len(log["losses"]) == 2 and set(log["fitness_accuracy"]) == {"base", "specialist"}
     argv = ["--runs", "2", "--forward-passes", "11", "--population", "3", "--warmup", "2", "--archive-size", "4",
-            "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5", "--no-progress",
+            "--archive", "recipes", "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5", "--no-progress",
             "--specialists", folder, "--out", str(tmp_path / "out")]
     record = llm_real.main(argv)
     on_disk = json.loads((tmp_path / "out" / "llm_real.json").read_text())
@@ -64,6 +64,10 @@ def test_protocol_writes_the_json_contract(tiny_base, tiny_specialists, tmp_path
         assert entry["mean"] == pytest.approx(np.mean(entry["runs"]))
         assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for s in per_skill for v in s)  # 4 test questions per skill
     assert record["seconds_per_evaluation"] > 0 and record["evaluations"] == 5 * 2 * 11
+    # --archive recipes where an archive can be recipes; m2n2-task-vectors keeps whole models
+    assert record["archive"] == {"m2n2": "recipes", "m2n2-no-attraction": "recipes", "m2n2-no-splitpoint": "recipes",
+                                 "m2n2-task-vectors": "models"}
+    assert (record["fitness_questions_per_skill"], record["test_questions_per_skill"]) == (3, 4)
     assert record["curves"]["m2n2"][0]["forward_passes"][-1] == 11
     assert (tmp_path / "out" / "llm_real.png").stat().st_size > 1000
     # a rerun resumes every finished run from the partial file instead of running it again
