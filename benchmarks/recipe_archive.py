@@ -1,11 +1,12 @@
 """The recipe archive against the model archive: memory, speed and checkpoints on the
 real SmolLM2 pair, and memory plans of the paper's Llama-2-7B pair.
 
-    python -m benchmarks.recipe_archive smollm2 [--evaluations 20] [--rounds 1]
+    python -m benchmarks.recipe_archive smollm2 [--evaluations 20] [--rounds 1] [--questions 100]
     python -m benchmarks.recipe_archive plans
 
 smollm2: M2N2 as the LLM protocol runs it (experiments/llm_real.py: archive 15,
-warm-up 13, no mutation, 24 fitness questions per skill, exact match) on the
+warm-up 13, no mutation, --questions fitness questions per skill, exact match scored
+without decoding) on the
 arithmetic and word-reversal specialists of SmolLM2-135M-Instruct (float32), once with
 `archive="models"` and once with `archive="recipes"`, each in a fresh process,
 interleaved over --rounds. Per process: the peak resident set, the median seconds of a
@@ -14,7 +15,8 @@ the seconds of `ask` alone (parents, merge, the child built) and of scoring alon
 the bytes of a checkpoint of the final state (orbax, as `run` saves it: a recipe
 archive's seeds left out). Peak resident set: at the end of the run
 (the figure reported), and after loading, the checkpoint and the timings (`_by_phase`). One
-CPU device, as the protocol runs.
+CPU device, as the protocol runs. The seeds are donated to the run (`donate_seeds`):
+it holds their only copy.
 `make smollm2` first.
 
 plans: `mj.memory_plan` of one step for Llama-2-7B (benchmarks/fixtures), archive 15,
@@ -44,10 +46,10 @@ if not __package__:
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ARCHIVES = ("models", "recipes")
-ARCHIVE_SIZE, WARMUP, QUESTIONS = 15, 13, 24
+ARCHIVE_SIZE, WARMUP = 15, 13
 
 
-def measure(archive: str, evaluations: int) -> dict:
+def measure(archive: str, evaluations: int, questions: int) -> dict:
     """In this process: one M2N2 run of `evaluations` children on the SmolLM2 pair."""
     import jax
     import orbax.checkpoint as ocp
@@ -61,8 +63,8 @@ def measure(archive: str, evaluations: int) -> dict:
     phases = {}
     net, base, tokenizer = llm_real.base_model()
     models = llm_real.specialists(base, llm_real.SPECIALISTS)
-    fitness, _ = llm_real_protocol.batches(tokenizer, QUESTIONS, "fitness", 0)
-    score_fn = decode.exact_match_scores(net, [2], 2)
+    fitness, _ = llm_real_protocol.batches(tokenizer, questions, "fitness", 0)
+    score_fn = decode.forced_exact_match_scores(net)
     settings = methods.Settings(m2n2=methods.M2N2Settings(
         mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=evaluations))
     algo, params = methods.make_method("m2n2", settings)
@@ -70,7 +72,7 @@ def measure(archive: str, evaluations: int) -> dict:
     del models, base
     phases["loaded"] = peak()
     result = mj.run(algo, jax.random.key(42), score_fn, fitness, 2 + evaluations, params=params, seed_models=seeds,
-                    log_every=1, steps_per_call=1, progress=False)
+                    donate_seeds=True, log_every=1, steps_per_call=1, progress=False)
     phases["run"] = peak()
     del seeds
     steps = np.diff(result.log_wall_seconds[1:])  # each step's own call; the first one compiles
@@ -107,21 +109,24 @@ def smollm2(args) -> dict:
     for _ in range(args.rounds):
         for archive in ARCHIVES:
             out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--one", archive,
-                                  str(args.evaluations)], cwd=ROOT, capture_output=True, text=True)
+                                  str(args.evaluations), str(args.questions)], cwd=ROOT, capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if not lines:
                 raise SystemExit(f"{archive}: exit {out.returncode}: {out.stderr[-2000:]}")
             rows.append({**json.loads(lines[-1]), "exit_code": out.returncode})
             print(rows[-1], flush=True)
-    median = lambda archive, key: float(np.median([r.get(key, np.nan) for r in rows if r["archive"] == archive]))
+    def median(archive, key):  # None where no process got that far (e.g. killed for memory: see `processes`)
+        values = [r[key] for r in rows if r["archive"] == archive and key in r]
+        return float(np.median(values)) if values else None
+
     keys = ("peak_rss_bytes", "seconds_per_evaluation", "checkpoint_bytes", "ask_seconds", "score_seconds")
-    return {"archive_size": ARCHIVE_SIZE, "warmup": WARMUP, "fitness_questions_per_skill": QUESTIONS,
+    return {"archive_size": ARCHIVE_SIZE, "warmup": WARMUP, "fitness_questions_per_skill": args.questions,
             "evaluations": args.evaluations, "rounds": args.rounds,
             **{k: {a: median(a, k) for a in ARCHIVES} for k in keys},
             "recipes_over_models_seconds_per_evaluation": median("recipes", "seconds_per_evaluation")
-            / median("models", "seconds_per_evaluation"), "processes": rows,
+            / median("models", "seconds_per_evaluation"), "processes": rows, "loadavg": os.getloadavg(),
             "command": "python -m benchmarks.recipe_archive smollm2 " + " ".join(
-                f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("evaluations", "rounds"))}
+                f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("evaluations", "rounds", "questions"))}
 
 
 def plans(args) -> dict:
@@ -145,11 +150,13 @@ def main(argv=None) -> dict:
     p.add_argument("--evaluations", type=int, default=20, help="children per run (plans: the recipes' max_children, "
                                                                "default 1,000)")
     p.add_argument("--rounds", type=int, default=1, help="processes per archive kind (median)")
+    p.add_argument("--questions", type=int, default=100, help="smollm2: fitness questions per skill (the protocol's "
+                                                              "at the paper's budget shape)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # a child process: ARCHIVE EVALUATIONS
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child process: ARCHIVE EVALUATIONS QUESTIONS
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]))))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
         return {}
     if args.what is None:
         p.error("say what to measure: smollm2 or plans")

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def stack_models(models: Sequence) -> object:
+def stack_models(models: Sequence, donate: bool = False) -> object:
     """Stack model pytrees along a new leading axis, checking they match.
+
+    `donate`: delete each leaf's jax.Arrays once it is stacked (as jit's donation), so
+    that the stacking never holds more than one leaf twice.
 
     Raises:
       ValueError: no models, or models that differ in structure, shape or dtype
@@ -31,7 +34,18 @@ def stack_models(models: Sequence) -> object:
                     f"seed model {i} leaf {jax.tree_util.keystr(path)} is {jnp.result_type(x)}{list(jnp.shape(x))}, "
                     f"model 0 has {jnp.result_type(y)}{list(jnp.shape(y))}; all seed models must match"
                 )
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+    if not donate:
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+
+    columns = list(zip(*(jax.tree.leaves(m) for m in models)))  # leaf j of every model
+    last = {id(x): j for j, xs in enumerate(columns) for x in xs}  # an array may fill several leaves
+    stacked = []
+    for j, xs in enumerate(columns):
+        stacked.append(jax.block_until_ready(jnp.stack(xs)))
+        for x in xs:
+            if isinstance(x, jax.Array) and last[id(x)] == j and not x.is_deleted():
+                x.delete()
+    return jax.tree.unflatten(jax.tree.structure(models[0]), stacked)
 
 
 def _structure_difference(leaves_0, leaves_i, i: int) -> str:

@@ -141,6 +141,7 @@ def run(
     params=None,
     seed_models: Sequence | None = None,
     seed_fn: Callable | None = None,
+    donate_seeds: bool = False,
     test_data=None,
     metrics_fn: Callable | None = None,
     log_every: int = 100,
@@ -170,6 +171,9 @@ def run(
         over alpha: `params.replace(alpha=jnp.array([0., .5, 1.]))` with 3 keys.
       seed_models: S model pytrees shared by every run (merging pre-trained models), or
       seed_fn: key -> models stacked (S, ...), each run's own seeds (from scratch).
+      donate_seeds: delete `seed_models`' jax.Array leaves once they are stacked, as
+        jit's donation does: the run then holds one copy of the seeds, not two (a
+        135M-parameter pair: 1.08 GB less). The caller must not use them afterwards.
       test_data: datapoints given to `metrics_fn` (like `data`).
       metrics_fn: (state, params, test_data) -> dict of scalars, logged besides
         "train_score" (default `test_score_metrics`: "test_score" when there are test
@@ -215,7 +219,7 @@ def run(
     mesh = check_mesh(default_mesh(keys.shape[0]) if mesh is None else mesh)
     run_keys = pad_runs(keys, pad_size(keys.shape[0], mesh.shape["runs"]))
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(run_keys)
-    seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys)
+    seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys, donate_seeds)
     layout = lay_out(algorithm, score_fn, one_run_seeds, data, params=params, per_run=per_run, shared=shared,
                      num_runs=keys.shape[0], test_data=test_data, mesh=mesh, model_specs=model_specs,
                      archive_memory=archive_memory, chunk_size=chunk_size, metrics_fn=metrics_fn)
@@ -398,13 +402,16 @@ def _finish(layout: Layout, plan: Schedule, state, log: _Log, done: int, stopped
     )
 
 
-def _seeds(algorithm: Algorithm, seed_models, seed_fn, init_keys):
+def _seeds(algorithm: Algorithm, seed_models, seed_fn, init_keys, donate: bool = False):
     """(seeds, shared, one run's seeds (S, ...)), checked: shared seeds stacked, or each
-    run's drawn by `seed_fn`; floating-point, finite, as many as the algorithm takes."""
+    run's drawn by `seed_fn`; floating-point, finite, as many as the algorithm takes.
+    `donate`: the given seeds' jax.Array leaves are deleted once stacked."""
     if (seed_models is None) == (seed_fn is None):
         raise ValueError("pass exactly one of seed_models (shared) and seed_fn (key -> stacked seeds per run)")
+    if donate and seed_models is None:
+        raise ValueError("donate_seeds applies to seed_models; seed_fn's seeds are the run's own already")
     shared = seed_models is not None
-    seeds = stack_models(list(seed_models)) if shared else _seed_models(seed_fn, init_keys)
+    seeds = stack_models(list(seed_models), donate) if shared else _seed_models(seed_fn, init_keys)
     one_run = seeds if shared else jax.tree.map(lambda x: x[0], seeds)
     check_float_leaves(one_run, "seed models")
     check_finite_models(seeds, "seed models")

@@ -193,6 +193,25 @@ def test_a_shared_seed_list_starts_every_run_from_the_same_models():
     assert not np.array_equal(state.models[0].kernel[0, S], state.models[0].kernel[1, S])
 
 
+def test_donated_seeds_are_deleted_once_stacked_and_change_nothing():
+    """donate_seeds: the run equals base_run, and the given seeds' arrays are deleted
+    (numpy leaves left alone); without it they are not (the counter-case). An array
+    filling two leaves (a tied weight) is deleted only after its last leaf is stacked."""
+    copies = [jax.tree.map(jnp.array, m) for m in MODELS]
+    donated = mj.run(ALGO, P.KEYS, P.score_fn, TRAIN_ON_1, 60, params=PARAMS, seed_models=copies, donate_seeds=True,
+                     test_data=P.TEST, metrics_fn=counted_metrics, log_every=10, steps_per_call=58, progress=False)
+    assert_trees_equal(donated.state.models, base_run(60, 58).state.models)
+    assert all(x.is_deleted() for x in jax.tree.leaves(copies))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(MODELS))  # base_run kept them
+    tied = jnp.arange(3.0)
+    models = [{"a": tied, "b": tied, "c": np.ones(2)}, {"a": jnp.zeros(3), "b": tied, "c": np.zeros(2)}]
+    stacked = stack_models(models, donate=True)
+    np.testing.assert_array_equal(np.asarray(stacked["b"]), [[0, 1, 2], [0, 1, 2]])
+    assert tied.is_deleted() and isinstance(models[0]["c"], np.ndarray)
+    with pytest.raises(ValueError, match="donate_seeds applies to seed_models"):
+        mj.run(ALGO, P.KEYS, P.score_fn, P.TRAIN, 60, seed_fn=lambda k: STACKED, donate_seeds=True, progress=False)
+
+
 def test_metrics_fn_is_logged_at_every_point():
     result = base_run()
     assert set(result.metrics) == {"train_score", "test_score", "occupied"}
