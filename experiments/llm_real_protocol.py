@@ -23,7 +23,10 @@ two at once would not fit in 24 GB beside the rest. A method's score is the mean
 runs of the mean of the two skills' test accuracy (GSM8K test problems) of the model
 it returns: the archive member (the algorithm's best for CMA-ES) with the best mean
 of the skills on the fitness questions. Finished runs are kept in
-`<out>/llm_real.partial.json`, so an interrupted protocol resumes where it stopped.
+`<out>/llm_real.partial.json`, and a run in progress whose state is small (a recipe
+archive, CMA-ES) is checkpointed every CHECKPOINT_EVERY evaluations in
+`<out>/checkpoints/<method>-run<r>` (removed once the run is kept), so an interrupted
+protocol resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import time
 
 import jax
@@ -46,6 +50,7 @@ from m2n2_jax.llm import decode
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp")
 METHODS = PAPER + ("task_arithmetic", "m2n2-task-vectors")
 SEEDS = ("base", "specialist-a", "specialist-b")
+CHECKPOINT_EVERY = 50  # evaluations; a recipe archive's checkpoint is 10 kB here, CMA-ES's state as small
 
 
 def llama_unit(path: str) -> str:
@@ -183,8 +188,14 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
             key = f"{name}/{r}"
             if key not in done:
                 t = time.perf_counter()
+                folder = os.path.abspath(os.path.join(spec.out, "checkpoints", f"{name}-run{r}"))
+                # A model archive's checkpoint would be 8 GB on disk and as much again in
+                # memory while written, beside a run that already fills this machine.
+                small = archive == "recipes" or name in methods.MERGE_ES
                 result = mj.run(algo, keys[r:r + 1], score_fn, fitness, spec.forward_passes, params=params,
                                 seed_models=seeds, metrics_fn=metrics_fn, log_every=spec.log_every,
+                                checkpoint=mj.Checkpointing(folder, every=CHECKPOINT_EVERY, resume=True,
+                                                            meta=settings, keep=1) if small else None,
                                 progress=not spec.no_progress, name=f"{name} run {r}")
                 chosen = pick(result.state, params)
                 keep(key, {"test": per_skill(chosen, test, test_weights),
@@ -194,6 +205,7 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                            "evolution_seconds": result.wall_seconds, "seconds": time.perf_counter() - t,
                            "evaluations": int(result.passes[-1]), "archive": archive})
                 del result, chosen
+                shutil.rmtree(folder, ignore_errors=True)  # kept in the partial file now
                 release_host_memory()
             log(f"{name} run {r}: test {done[key]['test']}, {done[key]['evolution_seconds']:.0f} s")
         release_host_memory(programs=True)

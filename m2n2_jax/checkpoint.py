@@ -78,6 +78,12 @@ def _flat(meta: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _without_empty(tree):
+    """Zero-size leaves (e.g. the cuts of recipes without split points) as None: orbax
+    refuses to save an empty array, and there is nothing in one to restore."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -120,7 +126,7 @@ class Store:
                 "metrics": {k: np.asarray(v) for k, v in metrics.items()},
                 "wall": np.asarray(stamps)}
         self.manager.save(passes, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(without_seeds(state)), logs=ocp.args.StandardSave(logs),
+            state=ocp.args.StandardSave(_without_empty(without_seeds(state))), logs=ocp.args.StandardSave(logs),
             meta=ocp.args.JsonSave(self.meta)))
         self.manager.wait_until_finished()
 
@@ -146,8 +152,9 @@ class Store:
         logs_template = {"keys": key_data,
                          "metrics": {k: np.zeros((key_data.shape[0], num_logged), np.float32) for k in metric_names},
                          "wall": np.zeros((num_logged,), np.float64)}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                without_seeds(template_state))
+        template = without_seeds(template_state)
+        abstract = _without_empty(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template))
         try:
             restored = self.manager.restore(passes, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), logs=ocp.args.StandardRestore(logs_template)))
@@ -157,4 +164,6 @@ class Store:
         if not np.array_equal(np.asarray(logs["keys"]), key_data):
             raise ValueError(f"checkpoint {where} was made with other PRNG keys (seeds) than this run")
         metrics = {k: np.asarray(v) for k, v in logs["metrics"].items()}
-        return with_seeds(restored["state"], template_state), metrics, np.asarray(logs["wall"])
+        state = jax.tree.map(lambda r, t: t if r is None else r, restored["state"], template,
+                             is_leaf=lambda x: x is None)  # an empty leaf is its template
+        return with_seeds(state, template_state), metrics, np.asarray(logs["wall"])

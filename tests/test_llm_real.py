@@ -8,6 +8,7 @@ trained for 2 steps, then every method runs on a few questions.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,8 @@ def test_protocol_writes_the_json_contract(tiny_base, tiny_specialists, tmp_path
         log = json.loads((tiny_specialists / f"{skill}_train.json").read_text())
         assert len(log["losses"]) == 2 and set(log["fitness_accuracy"]) == {"base", "specialist"}
     argv = ["--runs", "2", "--forward-passes", "11", "--population", "3", "--warmup", "2", "--archive-size", "4",
-            "--archive", "recipes", "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5", "--no-progress",
-            "--specialists", folder, "--out", str(tmp_path / "out")]
+            "--archive", "recipes", "--fitness-questions", "3", "--test-questions", "4", "--log-every", "5",
+            "--no-progress", "--specialists", folder, "--out", str(tmp_path / "out")]
     record = llm_real.main(argv)
     on_disk = json.loads((tmp_path / "out" / "llm_real.json").read_text())
     assert on_disk["test_skill_mean"] == json.loads(json.dumps(record["test_skill_mean"]))
@@ -70,6 +71,7 @@ def test_protocol_writes_the_json_contract(tiny_base, tiny_specialists, tmp_path
     assert (record["fitness_questions_per_skill"], record["test_questions_per_skill"]) == (3, 4)
     assert record["curves"]["m2n2"][0]["forward_passes"][-1] == 11
     assert (tmp_path / "out" / "llm_real.png").stat().st_size > 1000
+    assert not os.listdir(tmp_path / "out" / "checkpoints")  # each run's checkpoints removed once it is kept
     # a rerun resumes every finished run from the partial file instead of running it again
     monkeypatch.setattr(llm_real_protocol.mj, "run", lambda *a, **k: pytest.fail("ran again"))
     again = llm_real.main(argv)

@@ -262,6 +262,23 @@ def test_a_recipe_checkpoint_holds_no_seed_resumes_bit_for_bit_and_refuses_other
     assert sizes["recipes"] < sizes["models"] - 6 * P.D * 4 // 2
 
 
+def test_a_recipe_archive_without_cuts_checkpoints_and_resumes_bit_for_bit(tmp_path):
+    """Without split points the recipes hold zero cuts: a zero-size leaf, which orbax
+    refuses to save; the checkpoint leaves it out and the resumed run is the same."""
+    algo = mj.M2N2(archive_size=6, mutation=False, archive="recipes", split_point=False)
+    kw = dict(seed_models=SEEDS, log_every=20, progress=False, steps_per_call=20)
+    full = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63, **kw)
+    assert full.state.recipes.cuts.size == 0
+    where = str(tmp_path / "cuts")
+    part = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63, checkpoint=mj.Checkpointing(where, every=20),
+                  time_limit=1e-9, **kw)
+    assert part.passes[-1] == 23
+    resumed = mj.run(algo, P.KEYS[:2], P.score_fn, P.TRAIN, 63,
+                     checkpoint=mj.Checkpointing(where, every=20, resume=True), **kw)
+    for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_recipe_as_json_rebuilds_the_returned_model_bit_for_bit_and_names_a_wrong_seed():
     algo = mj.M2N2(archive_size=6, mutation=False, archive="recipes", max_children=60, groups=digits.layer_of)
     result = mj.run(algo, P.KEYS[:1], P.score_fn, P.TRAIN, 63, seed_models=SEEDS, progress=False)
