@@ -117,16 +117,22 @@ def child_recipe(recipe_a: jax.Array, recipe_b: jax.Array, c_a: jax.Array, c_b: 
 
 def reductions(book: Recipes, recipe_a: jax.Array, recipe_b: jax.Array) -> tuple[jax.Array, ...]:
     """(<A, B>, |A|^2, |B|^2), float32 (G,) each: the slerp angle's sums over each group
-    of the models of two recipes, built leaf by leaf in float32 and summed as products
-    (a reduction that the build fuses into, so neither model is written out whole, where
-    a dot product would need both as operands)."""
-    a, b = book.build(recipe_a, jnp.float32), book.build(recipe_b, jnp.float32)
+    of the models of two recipes, each leaf of both built in float32 from one lookup of
+    its coordinates' segments and summed as products (a reduction that the build fuses
+    into, so neither model is written out whole, where a dot product would need both as
+    operands)."""
     num_groups = recipe_a.shape[0]
-    sums = [jnp.zeros(num_groups, jnp.float32) for _ in range(3)]
-    for g, x, y in zip(book.groups, jax.tree.leaves(a), jax.tree.leaves(b)):
-        for i, (u, v) in enumerate(((x, y), (x, x), (y, y))):
-            sums[i] = sums[i].at[g].add(jnp.sum(u * v))
-    return tuple(sums)
+    sums, offsets = jnp.zeros((num_groups, 3), jnp.float32), [0] * num_groups
+    for g, stacked in zip(book.groups, jax.tree.leaves(on_device(book.seeds))):
+        shape = stacked.shape[1:]
+
+        def products(pick, values, g=g, shape=shape):
+            x, y = (_combine(pick(r[g]), values).reshape(shape) for r in (recipe_a, recipe_b))
+            return jnp.stack([jnp.sum(x * y), jnp.sum(x * x), jnp.sum(y * y)])
+
+        sums = sums.at[g].add(_by_segment(stacked, book.cuts[g], offsets[g], shape, products))
+        offsets[g] += math.prod(shape)
+    return tuple(sums.T)
 
 
 def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | None = None, dtype=None):
@@ -157,13 +163,26 @@ ROW_CUTS = 2
 coordinate is searched instead)."""
 
 
-def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
-    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S).
+def _combine(coefficients: jax.Array, values: jax.Array) -> jax.Array:
+    """sum_s coefficients[..., s] values[s], float32, in seed order."""
+    return sum(coefficients[..., s] * values[s].astype(jnp.float32) for s in range(values.shape[0]))
 
-    A coordinate's segment is the number of cuts at or before it. With rows (a leaf of
-    rank >= 2 viewed as (rows, inner)), each row's first segment is found once, and only
-    the few cuts inside a row are compared per coordinate (at most ROW_CUTS a row; a
-    leaf with more falls back to a binary search of every coordinate).
+
+def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
+    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
+    return _by_segment(stacked, cuts, offset, shape, lambda pick, values: _combine(pick(recipe), values).reshape(shape))
+
+
+def _by_segment(stacked: jax.Array, cuts: jax.Array, offset: int, shape: tuple, fn):
+    """fn(pick, values) over one leaf's coordinates: `values` (S, ...) its seeds, and
+    pick(table (C + 1, S)) -> (..., S) each coordinate's row of a per-segment table.
+    fn's result must not depend on which view (...) of the coordinates it is given.
+
+    A coordinate's segment is the number of cuts at or before it, found by the cheaper
+    of two static plans: a binary search of every coordinate in the leaf's cuts, or,
+    with rows (a leaf of rank >= 2 viewed as (rows, inner)), each row's first segment
+    found once and only the few cuts inside a row compared per coordinate (at most
+    ROW_CUTS a row; a leaf with more falls back to the search).
     """
     size = math.prod(shape)
     if size >= 2**31:
@@ -171,16 +190,14 @@ def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: 
     rows = shape[0] if len(shape) >= 2 else 1
     inner = size // rows if rows else 1
     num_seeds, num_cuts = stacked.shape[0], cuts.shape[0]
-    combine = lambda coefficients, values: sum(coefficients[..., s] * values[s].astype(jnp.float32)
-                                               for s in range(num_seeds))
     if num_cuts == 0:
-        return combine(recipe[0], stacked)
+        return fn(lambda table: table[0], stacked)
     row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)  # in (shape[0], rest)
     local = row * (size // (shape[0] if shape else 1)) + column  # flat index: 0 before the leaf, size past it
 
     def search(_):
         segment = jnp.searchsorted(local, jnp.arange(size, dtype=jnp.int32), side="right", method="scan")
-        return combine(recipe[segment], stacked.reshape(num_seeds, size)).reshape(shape)
+        return fn(lambda table: table[segment], stacked.reshape(num_seeds, size))
 
     if rows == 1:
         return search(None)
@@ -194,7 +211,7 @@ def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: 
         for t in range(ROW_CUTS):
             cut = local[jnp.minimum(start + t, num_cuts - 1)]  # the row's t-th inner cut, if it has one
             segment = segment + ((t < inside)[:, None] & (cut[:, None] <= position))
-        return combine(recipe[segment], stacked.reshape(num_seeds, rows, inner)).reshape(shape)
+        return fn(lambda table: table[segment], stacked.reshape(num_seeds, rows, inner))
 
     return jax.lax.cond(jnp.max(inside) <= ROW_CUTS, by_rows, search, None)
 

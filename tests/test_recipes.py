@@ -71,6 +71,28 @@ def test_build_takes_each_coordinates_segment(groups):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [None, (0, 1, 0, 1, 1)])
+def test_reductions_are_the_sums_of_the_two_recipes_models(groups):
+    """<A, B>, |A|^2, |B|^2 per group of the models of two recipes, against float64 sums
+    of the reference builds, over the cut lists of the build test (both plans); the
+    reductions see each coordinate's segment once for both recipes, so a recipe or a
+    group taken for the other changes the sums."""
+    seeds = stacked_seeds(SHAPES)
+    g = (0,) * len(SHAPES) if groups is None else groups
+    cut_list = ([[0, 20, 21, 21, 26, 27, 27 + 150, 27 + 157, 27 + 160, 27 + 163, 27 + 1999, 2027, 2028, 2051]]
+                if groups is None else [[0, 20, 21, 21, 20 + 150, 20 + 157, 20 + 157, 2019], [6, 7, 8, 31]])
+    capacity = max(len(ks) for ks in cut_list) + 2
+    ra, rb = jax.random.normal(jax.random.key(2), (2, len(cut_list), capacity + 1, S))
+    book = recipes.Recipes(seeds, cut_array(cut_list, capacity), ra, tuple(g))
+    got = jax.jit(recipes.reductions)(book, ra, rb)
+    a, b = np_build(seeds, cut_list, ra, g), np_build(seeds, cut_list, rb, g)
+    want = np.zeros((3, len(cut_list)))
+    for group, x, y in zip(g, a, b):
+        want[:, group] += [np.sum(x * y), np.sum(x * x), np.sum(y * y)]
+    np.testing.assert_allclose(np.stack([np.asarray(x) for x in got]), want, rtol=1e-5)
+    assert not np.allclose(want[0], want[1])  # <A, B> is not |A|^2: the two recipes differ
+
+
 def test_build_counts_a_cut_at_its_own_coordinate():
     """The counter-case of `<=` against `<`: one cut at k, coefficient 1 on seed 0
     before it and on seed 1 from it on; coordinate k is seed 1's."""
