@@ -3,6 +3,7 @@ real SmolLM2 pair, and memory plans of the paper's Llama-2-7B pair.
 
     python -m benchmarks.recipe_archive smollm2 [--evaluations 20] [--rounds 1] [--questions 100]
     python -m benchmarks.recipe_archive plans
+    python -m benchmarks.recipe_archive step
 
 smollm2: M2N2 as the LLM protocol runs it (experiments/llm_real.py: archive 15,
 warm-up 13, no mutation, --questions fitness questions per skill, exact match scored
@@ -22,8 +23,15 @@ it holds their only copy.
 plans: `mj.memory_plan` of one step for Llama-2-7B (benchmarks/fixtures), archive 15,
 bfloat16, one device, no model axis, no host archive: recipes and models.
 
-Both write into OUT/recipe_archive.json (default benchmarks/results), keeping the
-other section.
+step: the SmolLM2 step program alone, compiled from shapes (`mj.lower_step`, as
+`mj.memory_plan` does) in a fresh process per variant: each archive kind with a score
+that reads every weight once ("weights") and with the teacher-forced exact-match
+scorer at 100 questions per skill ("forced"). Per variant: seconds to compile, XLA's
+temporaries, and the resident set that the compiled program keeps (after compiling,
+less before, once `malloc_trim(0)` has returned the freed heap on glibc).
+
+Each writes its section of OUT/recipe_archive.json (default benchmarks/results),
+keeping the others.
 """
 
 from __future__ import annotations
@@ -104,6 +112,55 @@ def measure(archive: str, evaluations: int, questions: int) -> dict:
     return record
 
 
+def compile_step(archive: str, score: str) -> dict:
+    """In this process: compile the SmolLM2 step of `archive` with `score` from shapes."""
+    import ctypes
+
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import llm_real, llm_real_protocol, methods
+    from m2n2_jax.layout import lay_out
+    from m2n2_jax.llm import decode
+    from m2n2_jax.runner import lower_step
+
+    def resident() -> int:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+    net, base, tokenizer = llm_real.base_model()
+    fitness, _ = llm_real_protocol.batches(tokenizer, 100, "fitness", 0)
+    score_fn = decode.forced_exact_match_scores(net) if score == "forced" else (
+        lambda model, batch: sum(jnp.sum(x) for x in jax.tree.leaves(model)) * jnp.ones(batch[1].shape[0]))
+    settings = methods.Settings(m2n2=methods.M2N2Settings(
+        mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=200))
+    algo, params = methods.make_method("m2n2", settings)
+    seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, jnp.float32), base)
+    layout = lay_out(algo, score_fn, seeds, fitness, params=params, num_runs=1)
+    del base
+    before, t = resident(), time.perf_counter()
+    compiled = lower_step(layout, 1).compile()
+    seconds = time.perf_counter() - t
+    return {"archive": archive, "score": score, "compile_seconds": seconds,
+            "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+            "program_resident_bytes": resident() - before}
+
+
+def step(args) -> dict:
+    rows = []
+    for archive in ARCHIVES:
+        for score in ("weights", "forced"):
+            out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--compile-one", archive, score],
+                                 cwd=ROOT, capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if not lines:
+                raise SystemExit(f"{archive} {score}: exit {out.returncode}: {out.stderr[-2000:]}")
+            rows.append(json.loads(lines[-1]))
+            print(rows[-1], flush=True)
+    return {"variants": rows, "loadavg": os.getloadavg(), "command": "python -m benchmarks.recipe_archive step"}
+
+
 def smollm2(args) -> dict:
     rows = []
     for _ in range(args.rounds):
@@ -146,7 +203,7 @@ def plans(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("smollm2", "plans"))
+    p.add_argument("what", nargs="?", choices=("smollm2", "plans", "step"))
     p.add_argument("--evaluations", type=int, default=20, help="children per run (plans: the recipes' max_children, "
                                                                "default 1,000)")
     p.add_argument("--rounds", type=int, default=1, help="processes per archive kind (median)")
@@ -154,19 +211,23 @@ def main(argv=None) -> dict:
                                                               "at the paper's budget shape)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child process: ARCHIVE EVALUATIONS QUESTIONS
+    p.add_argument("--compile-one", nargs=2, help=argparse.SUPPRESS)  # a child process: ARCHIVE SCORE
     args = p.parse_args(argv)
+    if args.compile_one:
+        print(json.dumps(compile_step(*args.compile_one)))
+        return {}
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
         return {}
     if args.what is None:
-        p.error("say what to measure: smollm2 or plans")
+        p.error("say what to measure: smollm2, plans or step")
     if args.what == "plans" and "--evaluations" not in (argv or sys.argv):
         args.evaluations = 1000
     import jax
 
     path = os.path.join(args.out, "recipe_archive.json")
     record = json.load(open(path)) if os.path.exists(path) else {}
-    record[args.what] = smollm2(args) if args.what == "smollm2" else plans(args)
+    record[args.what] = {"smollm2": smollm2, "plans": plans, "step": step}[args.what](args)
     record[args.what]["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                     f"{jax.devices()[0].platform}; jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
