@@ -33,9 +33,10 @@ run: $(STAMP)
 
 # The linter (ruff.toml), then two workers, each test file in one of them (files share
 # compiled programs), the longest files first (tests/conftest.py; docs/test_suite.md).
+# A worker that crashes ends the run: a replacement worker left pytest-xdist waiting.
 test: $(STAMP) $(SMOLLM2)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0
 
 # The other Pythons that the pinned jax supports and this machine has (docs/pythons.md):
 # one venv per version (.venv-3.12, .venv-3.13), installed from the same constraints.txt,

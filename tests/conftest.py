@@ -18,6 +18,28 @@ CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+# Each compiled XLA:CPU program holds ~13 memory mappings until it is dropped, and a
+# process may hold vm.max_map_count (65,530 by default) of them: a pytest worker that
+# compiled a few thousand programs crashed in a compile or a cache write (a worker
+# held 39,645 mappings near the end of the suite; docs/test_suite.md). After a test file
+# that leaves more than MAPPINGS, the worker drops its compiled programs.
+MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_programs_past_the_mapping_limit():
+    yield
+    if _mappings() > MAPPINGS:
+        jax.clear_caches()
+
 
 # The longest files first (measured, docs/test_suite.md): `make test` hands whole files
 # to two workers in collection order (--no-loadscope-reorder), so the long ones start at
