@@ -57,13 +57,32 @@ ARCHIVES = ("models", "recipes")
 ARCHIVE_SIZE, WARMUP = 15, 13
 
 
+def m2n2(archive: str, max_children: int):
+    """(algorithm, params): M2N2 as the LLM protocol runs it, with `archive`."""
+    from experiments import methods
+
+    settings = methods.Settings(m2n2=methods.M2N2Settings(
+        mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=max_children))
+    return methods.make_method("m2n2", settings)
+
+
+def in_fresh_process(*argv: str) -> tuple[dict, int]:
+    """(the last JSON line printed, exit code) of `python -m benchmarks.recipe_archive ARGV`."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", *argv], cwd=ROOT, capture_output=True,
+                         text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr[-2000:]}")
+    return json.loads(lines[-1]), out.returncode
+
+
 def measure(archive: str, evaluations: int, questions: int) -> dict:
     """In this process: one M2N2 run of `evaluations` children on the SmolLM2 pair."""
     import jax
     import orbax.checkpoint as ocp
 
     import m2n2_jax as mj
-    from experiments import llm_real, llm_real_protocol, methods
+    from experiments import llm_real, llm_real_protocol
     from m2n2_jax.archive import without_seeds
     from m2n2_jax.llm import decode
 
@@ -73,9 +92,7 @@ def measure(archive: str, evaluations: int, questions: int) -> dict:
     models = llm_real.specialists(base, llm_real.SPECIALISTS)
     fitness, _ = llm_real_protocol.batches(tokenizer, questions, "fitness", 0)
     score_fn = decode.forced_exact_match_scores(net)
-    settings = methods.Settings(m2n2=methods.M2N2Settings(
-        mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=evaluations))
-    algo, params = methods.make_method("m2n2", settings)
+    algo, params = m2n2(archive, evaluations)
     seeds = [models["specialist-a"], models["specialist-b"]]
     del models, base
     phases["loaded"] = peak()
@@ -119,7 +136,7 @@ def compile_step(archive: str, score: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from experiments import llm_real, llm_real_protocol, methods
+    from experiments import llm_real, llm_real_protocol
     from m2n2_jax.layout import lay_out
     from m2n2_jax.llm import decode
     from m2n2_jax.runner import lower_step
@@ -133,9 +150,7 @@ def compile_step(archive: str, score: str) -> dict:
     fitness, _ = llm_real_protocol.batches(tokenizer, 100, "fitness", 0)
     score_fn = decode.forced_exact_match_scores(net) if score == "forced" else (
         lambda model, batch: sum(jnp.sum(x) for x in jax.tree.leaves(model)) * jnp.ones(batch[1].shape[0]))
-    settings = methods.Settings(m2n2=methods.M2N2Settings(
-        mutation_std=0.0, archive_size=ARCHIVE_SIZE, warmup=WARMUP, archive=archive, max_children=200))
-    algo, params = methods.make_method("m2n2", settings)
+    algo, params = m2n2(archive, 200)
     seeds = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, jnp.float32), base)
     layout = lay_out(algo, score_fn, seeds, fitness, params=params, num_runs=1)
     del base
@@ -151,12 +166,7 @@ def step(args) -> dict:
     rows = []
     for archive in ARCHIVES:
         for score in ("weights", "forced"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--compile-one", archive, score],
-                                 cwd=ROOT, capture_output=True, text=True)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if not lines:
-                raise SystemExit(f"{archive} {score}: exit {out.returncode}: {out.stderr[-2000:]}")
-            rows.append(json.loads(lines[-1]))
+            rows.append(in_fresh_process("--compile-one", archive, score)[0])
             print(rows[-1], flush=True)
     return {"variants": rows, "loadavg": os.getloadavg(), "command": "python -m benchmarks.recipe_archive step"}
 
@@ -165,12 +175,8 @@ def smollm2(args) -> dict:
     rows = []
     for _ in range(args.rounds):
         for archive in ARCHIVES:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", "--one", archive,
-                                  str(args.evaluations), str(args.questions)], cwd=ROOT, capture_output=True, text=True)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if not lines:
-                raise SystemExit(f"{archive}: exit {out.returncode}: {out.stderr[-2000:]}")
-            rows.append({**json.loads(lines[-1]), "exit_code": out.returncode})
+            record, exit_code = in_fresh_process("--one", archive, str(args.evaluations), str(args.questions))
+            rows.append({**record, "exit_code": exit_code})
             print(rows[-1], flush=True)
     def median(archive, key):  # None where no process got that far (e.g. killed for memory: see `processes`)
         values = [r[key] for r in rows if r["archive"] == archive and key in r]

@@ -121,17 +121,15 @@ def reductions(book: Recipes, recipe_a: jax.Array, recipe_b: jax.Array) -> tuple
     its coordinates' segments and summed as products (a reduction that the build fuses
     into, so neither model is written out whole, where a dot product would need both as
     operands)."""
-    num_groups = recipe_a.shape[0]
-    sums, offsets = jnp.zeros((num_groups, 3), jnp.float32), [0] * num_groups
-    for g, stacked in zip(book.groups, jax.tree.leaves(on_device(book.seeds))):
+    sums = jnp.zeros((recipe_a.shape[0], 3), jnp.float32)
+    for g, stacked, offset in _with_offsets(jax.tree.leaves(on_device(book.seeds)), book.groups):
         shape = stacked.shape[1:]
 
         def products(pick, values, g=g, shape=shape):
             x, y = (_combine(pick(r[g]), values).reshape(shape) for r in (recipe_a, recipe_b))
             return jnp.stack([jnp.sum(x * y), jnp.sum(x * x), jnp.sum(y * y)])
 
-        sums = sums.at[g].add(_by_segment(stacked, book.cuts[g], offsets[g], shape, products))
-        offsets[g] += math.prod(shape)
+        sums = sums.at[g].add(_by_segment(stacked, book.cuts[g], offset, shape, products))
     return tuple(sums.T)
 
 
@@ -150,12 +148,18 @@ def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | N
     """
     leaves, treedef = jax.tree.flatten(on_device(seeds))
     groups = (0,) * len(leaves) if groups is None else tuple(groups)
-    offsets, out = [0] * (max(groups) + 1), []
-    for g, stacked in zip(groups, leaves):
-        shape = stacked.shape[1:]
-        out.append(_build_leaf(stacked, cuts[g], recipe[g], offsets[g], shape).astype(dtype or stacked.dtype))
-        offsets[g] += math.prod(shape)
+    out = [_build_leaf(stacked, cuts[g], recipe[g], offset, stacked.shape[1:]).astype(dtype or stacked.dtype)
+           for g, stacked, offset in _with_offsets(leaves, groups)]
     return jax.tree.unflatten(treedef, out)
+
+
+def _with_offsets(leaves, groups: tuple[int, ...]):
+    """(group, stacked leaf (S, ...), the group-local flat coordinate where the leaf
+    starts) of each leaf: a group's leaves follow one another in its coordinates."""
+    offsets = [0] * (max(groups) + 1)
+    for g, stacked in zip(groups, leaves):
+        yield g, stacked, offsets[g]
+        offsets[g] += math.prod(stacked.shape[1:])
 
 
 ROW_CUTS = 2
@@ -245,9 +249,9 @@ def to_json(book: Recipes, recipe, names: Sequence[str] | None = None) -> dict:
     if len(names) != num_seeds:
         raise ValueError(f"{len(names)} names for {num_seeds} seeds")
     lists = [[int(hi) * WORD + int(lo) for hi, lo in group if hi != SENTINEL] for group in cuts]
-    leaves, offsets = [], [0] * len(lists)
-    for g, (path, stacked) in zip(book.groups, jax.tree_util.tree_flatten_with_path(seeds)[0]):
-        size, start = math.prod(stacked.shape[1:]), offsets[g]
+    leaves, flat = [], jax.tree_util.tree_flatten_with_path(seeds)[0]
+    for (path, _), (g, stacked, start) in zip(flat, _with_offsets([x for _, x in flat], book.groups)):
+        size = math.prod(stacked.shape[1:])
         bounds = [start] + [k for k in lists[g] if start < k < start + size] + [start + size]
         ranges = []
         for lo, hi in zip(bounds, bounds[1:]):
@@ -260,7 +264,6 @@ def to_json(book: Recipes, recipe, names: Sequence[str] | None = None) -> dict:
                 ranges.append([lo - start, hi - start, coefficients])
         leaves.append({"path": leaf_path(path), "shape": list(stacked.shape[1:]), "dtype": str(stacked.dtype),
                        "group": g, "ranges": ranges})
-        offsets[g] += size
     return {"format": FORMAT, "seeds": [{"name": n, "sha256": digest(jax.tree.map(lambda x: x[i], seeds))}
                                         for i, n in enumerate(names)], "leaves": leaves}
 
