@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from m2n2_jax.merge import WORD, leaf_path
+from m2n2_jax.merge import WORD, leaf_path, leaf_split
 from m2n2_jax.sharding import on_device
 
 SENTINEL = 2**31 - 1
@@ -118,22 +118,19 @@ def child_recipe(recipe_a: jax.Array, recipe_b: jax.Array, c_a: jax.Array, c_b: 
 def reductions(book: Recipes, recipe_a: jax.Array, recipe_b: jax.Array) -> tuple[jax.Array, ...]:
     """(<A, B>, |A|^2, |B|^2), float32 (G,) each: the slerp angle's sums over each group
     of the models of two recipes, each leaf of both built in float32 from one lookup of
-    its coordinates' segments and summed as products in one (variadic) reduction that
-    the build fuses into, so neither model is written out whole (three separate sums
-    had XLA:CPU write every leaf of both out at once)."""
-    sums = []
-    for g, members in _by_group(jax.tree.leaves(on_device(book.seeds)), book.groups):
-        def products(i, coefficients, values, mask, previous):
-            x, y = (_combine(c, values) for c in coefficients)
-            if mask is not None:  # this pass's coordinates only
-                x, y = jnp.where(mask, x, 0.0), jnp.where(mask, y, 0.0)
-            sums = jnp.stack(jax.lax.reduce((x * y, x * x, y * y), (jnp.float32(0),) * 3,
-                                            lambda p, q: tuple(u + v for u, v in zip(p, q)), tuple(range(x.ndim))))
-            return sums if previous is None else previous + sums
+    its coordinates' segments and summed as products (a reduction that the build fuses
+    into, so neither model is written out whole, where a dot product would need both as
+    operands)."""
+    sums = jnp.zeros((recipe_a.shape[0], 3), jnp.float32)
+    for g, stacked, offset in _with_offsets(jax.tree.leaves(on_device(book.seeds)), book.groups):
+        shape = stacked.shape[1:]
 
-        sums.append(sum(_by_segment(book.cuts[g], [m[1:] for m in members], (recipe_a[g], recipe_b[g]), products,
-                                    lambda i: jnp.zeros(3, jnp.float32))))
-    return tuple(jnp.stack(sums).T)
+        def products(pick, values, g=g, shape=shape):
+            x, y = (_combine(pick(r[g]), values).reshape(shape) for r in (recipe_a, recipe_b))
+            return jnp.stack([jnp.sum(x * y), jnp.sum(x * x), jnp.sum(y * y)])
+
+        sums = sums.at[g].add(_by_segment(stacked, book.cuts[g], offset, shape, products))
+    return tuple(sums.T)
 
 
 def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | None = None, dtype=None):
@@ -144,20 +141,15 @@ def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | N
     Args:
       cuts: int32 (G, C, 2), the groups' sorted cut lists (`insert_cuts`).
       groups: the group index of each leaf (`merge.leaf_groups`); None: one group.
+
+    The segment of each coordinate is found per leaf, by the cheaper of two static
+    plans: a binary search of every coordinate in the leaf's cuts, or (for leaves with
+    long rows) one segment per row, then the rows that a cut crosses rebuilt.
     """
     leaves, treedef = jax.tree.flatten(on_device(seeds))
     groups = (0,) * len(leaves) if groups is None else tuple(groups)
-    out = [None] * len(leaves)
-    for g, members in _by_group(leaves, groups):
-        def one(i, coefficients, values, mask, previous, members=members):
-            leaf = _combine(coefficients[0], values).reshape(members[i][1].shape[1:])
-            # Every coordinate lies in one pass, which writes it.
-            return leaf if mask is None else jnp.where(mask.reshape(leaf.shape), leaf, previous)
-
-        zero = lambda i, members=members: jnp.zeros(members[i][1].shape[1:], jnp.float32)
-        for (index, stacked, _), leaf in zip(members, _by_segment(cuts[g], [m[1:] for m in members], (recipe[g],),
-                                                                  one, zero)):
-            out[index] = leaf.astype(dtype or stacked.dtype)
+    out = [_build_leaf(stacked, cuts[g], recipe[g], offset, stacked.shape[1:]).astype(dtype or stacked.dtype)
+           for g, stacked, offset in _with_offsets(leaves, groups)]
     return jax.tree.unflatten(treedef, out)
 
 
@@ -170,17 +162,9 @@ def _with_offsets(leaves, groups: tuple[int, ...]):
         offsets[g] += math.prod(stacked.shape[1:])
 
 
-def _by_group(leaves, groups: tuple[int, ...]):
-    """(group, [(leaf index, stacked leaf, offset), ...]) of each group that has leaves."""
-    members = {}
-    for index, (g, stacked, offset) in enumerate(_with_offsets(leaves, groups)):
-        members.setdefault(g, []).append((index, stacked, offset))
-    return sorted(members.items())
-
-
 ROW_CUTS = 2
-"""Cuts strictly inside one row that one pass of `build` handles (a row with more
-takes more passes, over the whole group)."""
+"""Cuts strictly inside one row that `build`'s row plan handles (more: every
+coordinate is searched instead)."""
 
 
 def _combine(coefficients: jax.Array, values: jax.Array) -> jax.Array:
@@ -188,93 +172,52 @@ def _combine(coefficients: jax.Array, values: jax.Array) -> jax.Array:
     return sum(coefficients[..., s] * values[s].astype(jnp.float32) for s in range(values.shape[0]))
 
 
-def _rows(shape: tuple) -> tuple[int, int]:
-    """A leaf viewed as (rows, inner): rank >= 2 as (shape[0], rest), else one row."""
+def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
+    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
+    return _by_segment(stacked, cuts, offset, shape, lambda pick, values: _combine(pick(recipe), values).reshape(shape))
+
+
+def _by_segment(stacked: jax.Array, cuts: jax.Array, offset: int, shape: tuple, fn):
+    """fn(pick, values) over one leaf's coordinates: `values` (S, ...) its seeds, and
+    pick(table (C + 1, S)) -> (..., S) each coordinate's row of a per-segment table.
+    fn's result must not depend on which view (...) of the coordinates it is given.
+
+    A coordinate's segment is the number of cuts at or before it, found by the cheaper
+    of two static plans: a binary search of every coordinate in the leaf's cuts, or,
+    with rows (a leaf of rank >= 2 viewed as (rows, inner)), each row's first segment
+    found once and only the few cuts inside a row compared per coordinate (at most
+    ROW_CUTS a row; a leaf with more falls back to the search).
+    """
     size = math.prod(shape)
     if size >= 2**31:
         raise ValueError(f"a leaf of shape {shape} ({size} >= 2^31 coordinates) cannot be built from a recipe")
     rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (size // rows if rows else 0)
+    inner = size // rows if rows else 1
+    num_seeds, num_cuts = stacked.shape[0], cuts.shape[0]
+    if num_cuts == 0:
+        return fn(lambda table: table[0], stacked)
+    row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)  # in (shape[0], rest)
+    local = row * (size // (shape[0] if shape else 1)) + column  # flat index: 0 before the leaf, size past it
 
+    def search(_):
+        segment = jnp.searchsorted(local, jnp.arange(size, dtype=jnp.int32), side="right", method="scan")
+        return fn(lambda table: table[segment], stacked.reshape(num_seeds, size))
 
-def _at_or_before(cuts: jax.Array, queries: np.ndarray) -> jax.Array:
-    """int32 (R,): #{cuts <= q} for each static query q (int64 (R,)), the cuts (C, 2)
-    sorted (hi, lo) words: a binary search unrolled over the static C."""
-    q_hi, q_lo = (jnp.asarray(w, jnp.int32) for w in np.divmod(queries, WORD))
-    num_cuts = cuts.shape[0]
-    count, step = jnp.zeros(queries.shape, jnp.int32), 1 << (num_cuts.bit_length() - 1)
-    while step:
-        probe = count + step  # cuts[probe - 1] <= q: at least `probe` cuts are
-        hi, lo = (cuts[jnp.minimum(probe, num_cuts) - 1, w] for w in (0, 1))
-        count = jnp.where((probe <= num_cuts) & ((hi < q_hi) | ((hi == q_hi) & (lo <= q_lo))), probe, count)
-        step >>= 1
-    return count
+    if rows == 1:
+        return search(None)
+    first = jnp.arange(rows, dtype=jnp.int32) * inner
+    start = jnp.searchsorted(local, first, side="right", method="scan")  # segment of each row's first coordinate
+    inside = jnp.searchsorted(local, first + inner - 1, side="right", method="scan") - start  # cuts inside a row
 
+    def by_rows(_):
+        position = first[:, None] + jnp.arange(inner, dtype=jnp.int32)[None, :]  # (rows, inner)
+        segment = start[:, None]
+        for t in range(ROW_CUTS):
+            cut = local[jnp.minimum(start + t, num_cuts - 1)]  # the row's t-th inner cut, if it has one
+            segment = segment + ((t < inside)[:, None] & (cut[:, None] <= position))
+        return fn(lambda table: table[segment], stacked.reshape(num_seeds, rows, inner))
 
-def _by_segment(cuts: jax.Array, members, tables, fn, zero) -> list:
-    """[fn(i, coefficients, values, mask, previous) for each leaf i of one group], in
-    passes: `values` (S, rows, inner) its seeds (`_rows`); coefficients[k] (rows, inner
-    or 1, S) each coordinate's row of tables[k] (C + 1, S), a per-segment table, valid
-    where `mask` (rows, inner) holds (None: everywhere, without cuts); `previous` the
-    leaf's result of the pass before (zero(i) before the first). fn's result must not
-    depend on which view of the coordinates it is given.
-
-    Args:
-      cuts: int32 (C, 2), the group's sorted cut list.
-      members: [(stacked leaf (S, ...), the group coordinate where it starts), ...].
-
-    A coordinate's segment is the number of cuts at or before it. For every row of the
-    group's leaves at once, each row's first segment and its inner cuts are looked up,
-    so that each leaf is one fused kernel of selects among its rows' next ROW_CUTS + 1
-    coefficients: code per leaf, not per lookup (XLA:CPU keeps ~80 kB of code per kernel;
-    per-leaf searches held 1.75 MB a leaf). A row holding more cuts takes more passes.
-    """
-    views = [_rows(stacked.shape[1:]) for stacked, _ in members]
-    values = [stacked.reshape((stacked.shape[0],) + view) for (stacked, _), view in zip(members, views)]
-    num_cuts = cuts.shape[0]
-    if num_cuts == 0 or not any(inner for _, inner in views):
-        return [fn(i, [t[0] for t in tables], v, None, None) for i, v in enumerate(values)]
-    first = np.concatenate([offset + np.arange(rows, dtype=np.int64) * inner
-                            for (_, offset), (rows, inner) in zip(members, views) if inner])
-    width = np.concatenate([np.full(rows, inner, np.int64) for rows, inner in views if inner])
-    start = _at_or_before(cuts, first)  # (R,): each row's first segment
-    inside = _at_or_before(cuts, first + width - 1) - start  # (R,): cuts inside each row
-    f_hi, f_lo = (jnp.asarray(w, jnp.int32) for w in np.divmod(first, WORD))
-    bounds = np.cumsum([0] + [rows if inner else 0 for rows, inner in views])
-    span = ROW_CUTS + 1  # segments a pass selects among
-
-    def column(t):  # (R,): each row's t-th inner cut's column; -1 for t < 0, past the row where it has none
-        k = jnp.clip(start + t, 0, num_cuts - 1)
-        inner_cut = (cuts[k, 0] - f_hi) * WORD + (cuts[k, 1] - f_lo)  # wraps where t >= inside: masked
-        return jnp.where(t < 0, -1, jnp.where(t < inside, inner_cut, jnp.int32(2**31 - 1)))
-
-    def run_pass(p, previous):
-        """Pass p: the coordinates past inner cuts p * span .. p * span + ROW_CUTS of their row."""
-        ranks = p * span + jnp.arange(-1, span)
-        # Per group, kept whole (a barrier): fused into each leaf's kernel, they multiply its code.
-        cols, near = jax.lax.optimization_barrier(
-            (jnp.stack([column(t) for t in ranks], -1),  # (R, span + 1): ranks - 1 .. p * span + ROW_CUTS
-             [t[jnp.minimum(start[:, None] + ranks[1:], num_cuts)] for t in tables]))  # (R, span, S)
-        out = []
-        for i, v in enumerate(values):
-            if not views[i][1]:  # no coordinates
-                out.append(previous[i])
-                continue
-            rows, position = slice(bounds[i], bounds[i + 1]), jnp.arange(views[i][1], dtype=jnp.int32)[None, :]
-
-            def coefficients(table):  # sorted cuts: past rank j implies past every earlier one
-                out = table[rows, None, 0]
-                for j in range(1, span):
-                    out = jnp.where((cols[rows, j, None] <= position)[..., None], table[rows, None, j], out)
-                return out
-            mask = (cols[rows, 0, None] <= position) & (position < cols[rows, span, None])
-            out.append(fn(i, [coefficients(t) for t in near], v, mask, previous[i]))
-        return out
-
-    # One pass unless a row holds more than ROW_CUTS cuts (rare: a cut within a row of two
-    # others): then each pass takes the next span of its cuts.
-    passes = (jnp.max(inside) + span) // span
-    return jax.lax.fori_loop(0, passes, run_pass, [zero(i) for i in range(len(members))])
+    return jax.lax.cond(jnp.max(inside) <= ROW_CUTS, by_rows, search, None)
 
 
 FORMAT = "m2n2_jax.recipe/1"

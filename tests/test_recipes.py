@@ -93,35 +93,6 @@ def test_reductions_are_the_sums_of_the_two_recipes_models(groups):
     assert not np.allclose(want[0], want[1])  # <A, B> is not |A|^2: the two recipes differ
 
 
-@pytest.mark.parametrize("offset", [0, 3 * WORD - 100, 2**40 + 7])
-def test_segments_past_one_word_and_rows_that_take_several_passes(offset):
-    """The segment lookup (`recipes._by_segment`) of leaves that start at a group
-    coordinate past 2^30 (and straddle a word boundary), against Python integers: rows
-    with 0 .. 7 inner cuts (up to three passes of ROW_CUTS + 1), cuts at a row's first
-    and last coordinate, two at one place, cuts before and past the leaves, and an
-    empty leaf among them."""
-    shapes, rng = ((6, 40), (0, 3), (25,), ()), np.random.default_rng(0)
-    seeds = [jnp.asarray(rng.normal(size=(S,) + s), jnp.float32) for s in shapes]
-    starts = offset + np.cumsum([0] + [int(np.prod(s)) for s in shapes])[:-1]
-    local = [0, 40, 79, 80, 85, 90, 90, 95, 100, 110, 119, 121, 122, 123, 124, 125, 126, 127, 239, 240, 250, 265]
-    ks = sorted([offset - 5] + [offset + k for k in local] + [offset + 1000])
-    capacity = len(ks) + 3
-    cuts = cut_array([ks], capacity)[0]
-    table = jnp.asarray(rng.normal(size=(capacity + 1, S)), jnp.float32)
-    one = lambda i, c, v, mask, previous: (
-        recipes._combine(c[0], v) if mask is None else jnp.where(mask, recipes._combine(c[0], v), previous))
-    zero = lambda i: jnp.zeros(recipes._rows(shapes[i]), jnp.float32)
-    got = jax.jit(lambda cuts, table: recipes._by_segment(cuts, list(zip(seeds, starts.tolist())), (table,), one,
-                                                          zero))(cuts, table)
-    for x, start, shape, out in zip(seeds, starts, shapes, got):
-        d = int(start) + np.arange(int(np.prod(shape)))
-        segment = np.array([bisect.bisect_right(ks, int(k)) for k in d], int)
-        want = (np.asarray(table, np.float64)[segment] * np.asarray(x, np.float64).reshape(S, -1).T).sum(1)
-        np.testing.assert_allclose(np.asarray(out).ravel(), want, rtol=1e-5, atol=1e-5)
-    inner_cuts = [sum(offset + r < k < offset + r + 40 for k in ks) for r in range(0, 240, 40)]
-    assert max(inner_cuts) == 7 > 2 * (recipes.ROW_CUTS + 1)  # three passes
-
-
 def test_build_counts_a_cut_at_its_own_coordinate():
     """The counter-case of `<=` against `<`: one cut at k, coefficient 1 on seed 0
     before it and on seed 1 from it on; coordinate k is seed 1's."""
