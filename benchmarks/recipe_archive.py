@@ -4,6 +4,7 @@ real SmolLM2 pair, and memory plans of the paper's Llama-2-7B pair.
     python -m benchmarks.recipe_archive smollm2 [--evaluations 20] [--rounds 1] [--questions 100]
     python -m benchmarks.recipe_archive plans
     python -m benchmarks.recipe_archive step
+    python -m benchmarks.recipe_archive glibc [--evaluations 15] [--rounds 1] [--questions 100]
 
 smollm2: M2N2 as the LLM protocol runs it (experiments/llm_real.py: archive 15,
 warm-up 13, no mutation, --questions fitness questions per skill, exact match scored
@@ -29,6 +30,12 @@ that reads every weight once ("weights") and with the teacher-forced exact-match
 scorer at 100 questions per skill ("forced"). Per variant: seconds to compile, XLA's
 temporaries, and the resident set that the compiled program keeps (after compiling,
 less before, once `malloc_trim(0)` has returned the freed heap on glibc).
+
+glibc: the smollm2 recipe process twice, interleaved over --rounds, without and with
+glibc told to return freed memory to the system (GLIBC_THRESHOLDS in the child's
+environment: freed blocks of 128 kB and more are unmapped, and the heap's free top is
+trimmed), for the peak resident set and the seconds per evaluation side by side. The
+library and the experiments set neither.
 
 Each writes its section of OUT/recipe_archive.json (default benchmarks/results),
 keeping the others.
@@ -66,10 +73,11 @@ def m2n2(archive: str, max_children: int):
     return methods.make_method("m2n2", settings)
 
 
-def in_fresh_process(*argv: str) -> tuple[dict, int]:
-    """(the last JSON line printed, exit code) of `python -m benchmarks.recipe_archive ARGV`."""
+def in_fresh_process(*argv: str, env: dict | None = None) -> tuple[dict, int]:
+    """(the last JSON line printed, exit code) of `python -m benchmarks.recipe_archive ARGV`,
+    with `env` added to this process's environment."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.recipe_archive", *argv], cwd=ROOT, capture_output=True,
-                         text=True)
+                         text=True, env={**os.environ, **(env or {})})
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr[-2000:]}")
@@ -192,6 +200,27 @@ def smollm2(args) -> dict:
                 f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("evaluations", "rounds", "questions"))}
 
 
+GLIBC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def glibc(args) -> dict:
+    rows = []
+    for _ in range(args.rounds):
+        for name, env in (("default", {}), ("thresholds", GLIBC_THRESHOLDS)):
+            record, exit_code = in_fresh_process("--one", "recipes", str(args.evaluations), str(args.questions),
+                                                 env=env)
+            rows.append({**record, "glibc": name, "exit_code": exit_code})
+            print(rows[-1], flush=True)
+    median = lambda name, key: float(np.median([r[key] for r in rows if r["glibc"] == name]))
+    return {"thresholds": GLIBC_THRESHOLDS, "evaluations": args.evaluations, "rounds": args.rounds,
+            "fitness_questions_per_skill": args.questions,
+            **{k: {n: median(n, k) for n in ("default", "thresholds")} for k in ("peak_rss_bytes",
+                                                                                 "seconds_per_evaluation")},
+            "processes": rows, "loadavg": os.getloadavg(),
+            "command": f"python -m benchmarks.recipe_archive glibc --evaluations {args.evaluations} "
+                       f"--rounds {args.rounds} --questions {args.questions}"}
+
+
 def plans(args) -> dict:
     from benchmarks import model_sharding
 
@@ -209,7 +238,7 @@ def plans(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("smollm2", "plans", "step"))
+    p.add_argument("what", nargs="?", choices=("smollm2", "plans", "step", "glibc"))
     p.add_argument("--evaluations", type=int, default=20, help="children per run (plans: the recipes' max_children, "
                                                                "default 1,000)")
     p.add_argument("--rounds", type=int, default=1, help="processes per archive kind (median)")
@@ -226,14 +255,14 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
         return {}
     if args.what is None:
-        p.error("say what to measure: smollm2, plans or step")
+        p.error("say what to measure: smollm2, plans, step or glibc")
     if args.what == "plans" and "--evaluations" not in (argv or sys.argv):
         args.evaluations = 1000
     import jax
 
     path = os.path.join(args.out, "recipe_archive.json")
     record = json.load(open(path)) if os.path.exists(path) else {}
-    record[args.what] = {"smollm2": smollm2, "plans": plans, "step": step}[args.what](args)
+    record[args.what] = {"smollm2": smollm2, "plans": plans, "step": step, "glibc": glibc}[args.what](args)
     record[args.what]["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                     f"{jax.devices()[0].platform}; jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
