@@ -84,6 +84,13 @@ def in_fresh_process(*argv: str, env: dict | None = None) -> tuple[dict, int]:
     return json.loads(lines[-1]), out.returncode
 
 
+def median_of(rows: list[dict], field: str, value: str, key: str) -> float | None:
+    """The median of `key` over the processes whose `field` is `value`; None where none
+    got that far (e.g. killed for memory: see `processes`)."""
+    values = [r[key] for r in rows if r[field] == value and key in r]
+    return float(np.median(values)) if values else None
+
+
 def measure(archive: str, evaluations: int, questions: int) -> dict:
     """In this process: one M2N2 run of `evaluations` children on the SmolLM2 pair."""
     import jax
@@ -186,11 +193,8 @@ def smollm2(args) -> dict:
             record, exit_code = in_fresh_process("--one", archive, str(args.evaluations), str(args.questions))
             rows.append({**record, "exit_code": exit_code})
             print(rows[-1], flush=True)
-    def median(archive, key):  # None where no process got that far (e.g. killed for memory: see `processes`)
-        values = [r[key] for r in rows if r["archive"] == archive and key in r]
-        return float(np.median(values)) if values else None
-
     keys = ("peak_rss_bytes", "seconds_per_evaluation", "checkpoint_bytes", "ask_seconds", "score_seconds")
+    median = lambda archive, key: median_of(rows, "archive", archive, key)
     return {"archive_size": ARCHIVE_SIZE, "warmup": WARMUP, "fitness_questions_per_skill": args.questions,
             "evaluations": args.evaluations, "rounds": args.rounds,
             **{k: {a: median(a, k) for a in ARCHIVES} for k in keys},
@@ -211,11 +215,10 @@ def glibc(args) -> dict:
                                                  env=env)
             rows.append({**record, "glibc": name, "exit_code": exit_code})
             print(rows[-1], flush=True)
-    median = lambda name, key: float(np.median([r[key] for r in rows if r["glibc"] == name]))
     return {"thresholds": GLIBC_THRESHOLDS, "evaluations": args.evaluations, "rounds": args.rounds,
             "fitness_questions_per_skill": args.questions,
-            **{k: {n: median(n, k) for n in ("default", "thresholds")} for k in ("peak_rss_bytes",
-                                                                                 "seconds_per_evaluation")},
+            **{k: {n: median_of(rows, "glibc", n, k) for n in ("default", "thresholds")}
+               for k in ("peak_rss_bytes", "seconds_per_evaluation")},
             "processes": rows, "loadavg": os.getloadavg(),
             "command": f"python -m benchmarks.recipe_archive glibc --evaluations {args.evaluations} "
                        f"--rounds {args.rounds} --questions {args.questions}"}
