@@ -216,9 +216,10 @@ def _random_wide(key: jax.Array, size: int, word: int = WORD) -> tuple[jax.Array
     return hi, lo
 
 
-def leaf_split(hi: jax.Array, lo: jax.Array, offset: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def leaf_split(hi: jax.Array, lo: jax.Array, offset, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Where the split point k = hi * WORD + lo cuts a leaf of `shape` that starts at
-    flat index `offset` (static): k_leaf = clip(k - offset, 0, size), returned as its
+    flat index `offset` (a static int, or traced as int32 (offset // WORD, offset % WORD)
+    words, so one compiled loop serves leaves at different offsets): k_leaf = clip(k - offset, 0, size), returned as its
     (row, column) in the leaf viewed as (shape[0], rest), int32 scalars; row = shape[0]
     when the whole leaf lies before k. Exact for any size: the 64-bit arithmetic is
     done on 30-bit words, and rows and columns are below 2^31."""
@@ -226,7 +227,7 @@ def leaf_split(hi: jax.Array, lo: jax.Array, offset: int, shape: tuple[int, ...]
     inner = size // rows if rows else 1
     if inner >= 2**31:
         raise ValueError(f"a leaf of shape {shape}: its trailing dimensions hold {inner} >= 2^31 coordinates")
-    off_hi, off_lo = divmod(offset, WORD)
+    off_hi, off_lo = offset if isinstance(offset, tuple) else divmod(offset, WORD)
     size_hi, size_lo = divmod(size, WORD)
     d_lo = lo - off_lo
     borrow = d_lo < 0

@@ -93,6 +93,38 @@ def test_reductions_are_the_sums_of_the_two_recipes_models(groups):
     assert not np.allclose(want[0], want[1])  # <A, B> is not |A|^2: the two recipes differ
 
 
+# Leaves that repeat their shapes (a Llama's layers), in two groups: group 0 holds
+# (5, 4) at 0, (7,) at 20, (40, 50) at 27; group 1 (40, 50) at 0, (5, 4) at 2000,
+# (7,) at 2020, (5, 4) at 2027.
+REPEATED, REPEATED_GROUPS = ((5, 4), (40, 50), (7,), (5, 4), (40, 50), (7,), (5, 4)), (0, 1, 0, 1, 0, 1, 1)
+REPEATED_CUTS = [[3, 20, 25, 27 + 50, 27 + 120, 27 + 121, 2026], [0, 1999, 2000, 2005, 2019, 2020, 2023, 2027, 2040]]
+
+
+def test_leaves_of_one_shape_share_one_loop_and_keep_their_own_group_offset_and_seeds():
+    """The angle's sums run leaves of one shape and dtype through one loop with their
+    group and offset traced (`recipes._each_leaf`): against the NumPy reference, a leaf
+    given another's group, offset or seeds would change by whole coefficients. The top
+    level of the program holds one loop per repeated shape and no per-leaf search (the
+    code XLA:CPU keeps per leaf). The build, per leaf, checked on the same leaves."""
+    seeds = stacked_seeds(REPEATED)
+    capacity = max(len(ks) for ks in REPEATED_CUTS) + 2
+    cuts = cut_array(REPEATED_CUTS, capacity)
+    ra, rb = jax.random.normal(jax.random.key(3), (2, 2, capacity + 1, S))
+    build = lambda r: recipes.build(seeds, cuts, r, REPEATED_GROUPS)
+    built = jax.jit(build)(ra)
+    a, b = np_build(seeds, REPEATED_CUTS, ra, REPEATED_GROUPS), np_build(seeds, REPEATED_CUTS, rb, REPEATED_GROUPS)
+    for got, want in zip(jax.tree.leaves(built), a):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    book = recipes.Recipes(seeds, cuts, ra, REPEATED_GROUPS)
+    want = np.zeros((3, 2))
+    for group, x, y in zip(REPEATED_GROUPS, a, b):
+        want[:, group] += [np.sum(x * y), np.sum(x * x), np.sum(y * y)]
+    np.testing.assert_allclose(np.stack([np.asarray(x) for x in jax.jit(recipes.reductions)(book, ra, rb)]), want,
+                               rtol=1e-5)
+    eqns = jax.make_jaxpr(lambda r: recipes.reductions(book, r, rb))(ra).eqns
+    assert [e.primitive.name for e in eqns if e.primitive.name in ("scan", "while", "cond")] == ["scan"] * 3
+
+
 def test_build_counts_a_cut_at_its_own_coordinate():
     """The counter-case of `<=` against `<`: one cut at k, coefficient 1 on seed 0
     before it and on seed 1 from it on; coordinate k is seed 1's."""

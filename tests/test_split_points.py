@@ -26,14 +26,16 @@ def python_cut(k: int, offset: int, shape: tuple[int, ...]) -> tuple[int, int]:
 # (3000, 2**20) and (2**20, 2**13) hold more than 2^31 coordinates: the long division.
 @pytest.mark.parametrize("shape", [(), (3,), (5, 7), (2, 3, 4), (3000, 2**20), (2**20, 2**13)])
 @pytest.mark.parametrize("offset", [0, 17, BEYOND_INT32])
-def test_leaf_split_equals_python_integer_arithmetic(shape, offset):
+@pytest.mark.parametrize("traced", [False, True], ids=["static offset", "offset as traced words"])
+def test_leaf_split_equals_python_integer_arithmetic(shape, offset, traced):
     size = int(np.prod(shape, dtype=object))
     rng = np.random.default_rng(size % 1000 + offset % 1000)
     ks = [offset - 1, offset, offset + 1, offset + size - 1, offset + size, offset + size + 1]
     ks += [int(k) for k in rng.integers(max(offset - 10, 0), offset + size + 10, size=20)]
-    cut = jax.jit(lambda hi, lo: leaf_split(hi, lo, offset, shape))
+    words = (jnp.int32(offset // WORD), jnp.int32(offset % WORD))
+    cut = jax.jit(lambda hi, lo, words: leaf_split(hi, lo, words if traced else offset, shape))
     for k in [k for k in ks if k >= 0]:
-        row, column = cut(jnp.int32(k // WORD), jnp.int32(k % WORD))
+        row, column = cut(jnp.int32(k // WORD), jnp.int32(k % WORD), words)
         assert (int(row), int(column)) == python_cut(k, offset, shape), k
 
 
