@@ -151,12 +151,14 @@ def build(seeds, cuts: jax.Array, recipe: jax.Array, groups: tuple[int, ...] | N
     """
     leaves, treedef = jax.tree.flatten(on_device(seeds))
     groups = (0,) * len(leaves) if groups is None else tuple(groups)
-    out = [_build_leaf(stacked, cuts[g], recipe[g], offset, stacked.shape[1:]).astype(dtype or stacked.dtype)
-           for g, stacked, offset in _with_offsets(leaves, groups)]
+    lookups = _each_leaf(leaves, groups, lambda stacked, g, offset: _lookup(cuts[g], offset, stacked.shape[1:]),
+                         values=False) if cuts.shape[1] else [None] * len(leaves)
+    out = [_build_leaf(stacked, cuts[g], recipe[g], offset, stacked.shape[1:], lookup).astype(dtype or stacked.dtype)
+           for (g, stacked, offset), lookup in zip(_with_offsets(leaves, groups), lookups)]
     return jax.tree.unflatten(treedef, out)
 
 
-def _each_leaf(leaves, groups: tuple[int, ...], fn) -> list:
+def _each_leaf(leaves, groups: tuple[int, ...], fn, values: bool = True) -> list:
     """[fn(stacked leaf (S, ...), its group, its group-local offset) for each leaf], with
     fn traced once per shape and dtype: leaves that share them (a Llama's layers) go
     through one `lax.scan`, their group and offset traced (the offset as int32
@@ -183,13 +185,15 @@ def _each_leaf(leaves, groups: tuple[int, ...], fn) -> list:
 
         def body(_, x, members=members, branches=branches):
             k, g, hi, lo = x
-            return None, fn(jax.lax.switch(k, branches, *(leaves[i] for i in members)), g, (hi, lo))
+            stacked = jax.lax.switch(k, branches, *(leaves[i] for i in members)) if values else \
+                jax.ShapeDtypeStruct(leaves[members[0]].shape, leaves[members[0]].dtype)
+            return None, fn(stacked, g, (hi, lo))
 
         xs = (jnp.arange(len(members)), jnp.asarray([groups[i] for i in members], jnp.int32),
               jnp.asarray(words[:, 0]), jnp.asarray(words[:, 1]))
         _, stacked_out = jax.lax.scan(body, None, xs)
         for k, i in enumerate(members):
-            out[i] = stacked_out[k]
+            out[i] = jax.tree.map(lambda y, k=k: y[k], stacked_out)
     return out
 
 
@@ -212,15 +216,43 @@ def _combine(coefficients: jax.Array, values: jax.Array) -> jax.Array:
     return sum(coefficients[..., s] * values[s].astype(jnp.float32) for s in range(values.shape[0]))
 
 
-def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple) -> jax.Array:
+def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple,
+                lookup=None) -> jax.Array:
     """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
-    return _by_segment(stacked, cuts, offset, shape, lambda pick, values: _combine(pick(recipe), values).reshape(shape))
+    return _by_segment(stacked, cuts, offset, shape, lambda pick, values: _combine(pick(recipe), values).reshape(shape),
+                       lookup)
 
 
-def _by_segment(stacked: jax.Array, cuts: jax.Array, offset: int, shape: tuple, fn):
+def _rows(shape: tuple) -> tuple[int, int]:
+    """(rows, inner): a leaf of rank >= 2 viewed as rows; vectors and scalars, one row."""
+    size = math.prod(shape)
+    if size >= 2**31:
+        raise ValueError(f"a leaf of shape {shape} ({size} >= 2^31 coordinates) cannot be built from a recipe")
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (size // rows if rows else 1)
+
+
+def _lookup(cuts: jax.Array, offset, shape: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where a leaf's cuts fall, int32: (local (C,), each cut's flat index in the leaf,
+    0 before it and size past it; start (rows,), the segment of each row's first
+    coordinate; inside (rows,), the cuts strictly inside each row), rows as `_rows`
+    (start and inside empty for one row). It needs only the cuts, the offset and the
+    shape, not the leaf's values."""
+    rows, inner = _rows(shape)
+    row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)  # in (shape[0], rest)
+    local = row * (math.prod(shape) // (shape[0] if shape else 1)) + column
+    if rows == 1:
+        return local, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
+    first = jnp.arange(rows, dtype=jnp.int32) * inner
+    start = jnp.searchsorted(local, first, side="right", method="scan")
+    return local, start, jnp.searchsorted(local, first + inner - 1, side="right", method="scan") - start
+
+
+def _by_segment(stacked: jax.Array, cuts: jax.Array, offset, shape: tuple, fn, lookup=None):
     """fn(pick, values) over one leaf's coordinates: `values` (S, ...) its seeds, and
     pick(table (C + 1, S)) -> (..., S) each coordinate's row of a per-segment table.
     fn's result must not depend on which view (...) of the coordinates it is given.
+    `lookup`: the leaf's `_lookup`, if made already.
 
     A coordinate's segment is the number of cuts at or before it, found by the cheaper
     of two static plans: a binary search of every coordinate in the leaf's cuts, or,
@@ -228,16 +260,11 @@ def _by_segment(stacked: jax.Array, cuts: jax.Array, offset: int, shape: tuple, 
     found once and only the few cuts inside a row compared per coordinate (at most
     ROW_CUTS a row; a leaf with more falls back to the search).
     """
-    size = math.prod(shape)
-    if size >= 2**31:
-        raise ValueError(f"a leaf of shape {shape} ({size} >= 2^31 coordinates) cannot be built from a recipe")
-    rows = shape[0] if len(shape) >= 2 else 1
-    inner = size // rows if rows else 1
-    num_seeds, num_cuts = stacked.shape[0], cuts.shape[0]
+    rows, inner = _rows(shape)
+    size, num_seeds, num_cuts = math.prod(shape), stacked.shape[0], cuts.shape[0]
     if num_cuts == 0:
         return fn(lambda table: table[0], stacked)
-    row, column = jax.vmap(lambda c: leaf_split(c[0], c[1], offset, shape))(cuts)  # in (shape[0], rest)
-    local = row * (size // (shape[0] if shape else 1)) + column  # flat index: 0 before the leaf, size past it
+    local, start, inside = _lookup(cuts, offset, shape) if lookup is None else lookup
 
     def search(_):
         segment = jnp.searchsorted(local, jnp.arange(size, dtype=jnp.int32), side="right", method="scan")
@@ -246,8 +273,6 @@ def _by_segment(stacked: jax.Array, cuts: jax.Array, offset: int, shape: tuple, 
     if rows == 1:
         return search(None)
     first = jnp.arange(rows, dtype=jnp.int32) * inner
-    start = jnp.searchsorted(local, first, side="right", method="scan")  # segment of each row's first coordinate
-    inside = jnp.searchsorted(local, first + inner - 1, side="right", method="scan") - start  # cuts inside a row
 
     def by_rows(_):
         position = first[:, None] + jnp.arange(inner, dtype=jnp.int32)[None, :]  # (rows, inner)
