@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
+from m2n2_jax import host_memory
 from m2n2_jax.base import Algorithm
 from m2n2_jax.checkpoint import Checkpointing, Store
 from m2n2_jax.checks import check_finite_models, check_float_leaves, check_scores, stack_models, valid_children
@@ -235,6 +236,7 @@ def run(
     state, log, done, saved = _start_or_resume(layout, plan, store, seeds, init_keys, run_keys, params, data,
                                                test_data)
     del seeds  # placed copies: with a large model, device memory the steps need
+    host_memory.release()  # the freed leaves of donated seeds, and what loading them left
     bar = _Progress(tqdm(total=layout.num_runs * plan.passes(plan.num_steps),
                          initial=layout.num_runs * plan.passes(done), unit="pass",
                          disable=not progress or jax.process_index() != 0, desc="compiling"),
@@ -352,13 +354,16 @@ def _loop(layout: Layout, plan: Schedule, store: Store | None, state, log: _Log,
     """(state, steps done, stopped by the time limit): compiled calls until the budget
     is spent or the time limit passed, checkpointing as `plan` says and at the end
     (`saved`: the passes of the latest checkpoint)."""
-    stopped = False
+    stopped, first = False, True
     while done < plan.num_steps and not stopped:
         active, logged = plan.call(done)
         state, metrics, ok = _step_program(state, evo_keys, params, done, active, logged, data, test_data,
                                            layout=layout)
         count = int(active.sum())
         ok = to_host(ok)[:, :count]
+        if first:  # what compiling the step left
+            host_memory.release()
+            first = False
         if not ok.all():
             r, i = np.argwhere(~ok)[0]
             raise ValueError(f"run {r}: a child of step {done + i + 1} had non-finite parameters or scores "
