@@ -175,6 +175,8 @@ def run(
       donate_seeds: delete `seed_models`' jax.Array leaves once they are stacked, as
         jit's donation does: the run then holds one copy of the seeds, not two (a
         135M-parameter pair: 1.08 GB less). The caller must not use them afterwards.
+        Once the seeds are placed, and once the first call has compiled, the pages of
+        freed host heap are handed back to the system (`host_memory.release`).
       test_data: datapoints given to `metrics_fn` (like `data`).
       metrics_fn: (state, params, test_data) -> dict of scalars, logged besides
         "train_score" (default `test_score_metrics`: "test_score" when there are test
