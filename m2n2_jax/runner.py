@@ -175,8 +175,9 @@ def run(
       donate_seeds: delete `seed_models`' jax.Array leaves once they are stacked, as
         jit's donation does: the run then holds one copy of the seeds, not two (a
         135M-parameter pair: 1.08 GB less). The caller must not use them afterwards.
-        Once the seeds are placed, and once the first call has compiled, the pages of
-        freed host heap are handed back to the system (`host_memory.release`).
+        Once the seeds are stacked, once the run has started, and once the first step
+        has compiled, the pages of freed host heap are handed back to the system
+        (`host_memory.release`).
       test_data: datapoints given to `metrics_fn` (like `data`).
       metrics_fn: (state, params, test_data) -> dict of scalars, logged besides
         "train_score" (default `test_score_metrics`: "test_score" when there are test
@@ -223,6 +224,7 @@ def run(
     run_keys = pad_runs(keys, pad_size(keys.shape[0], mesh.shape["runs"]))
     init_keys, evo_keys = jax.vmap(jax.random.split, out_axes=1)(run_keys)
     seeds, shared, one_run_seeds = _seeds(algorithm, seed_models, seed_fn, init_keys, donate_seeds)
+    host_memory.release()  # the freed leaves of donated seeds, and what loading them left
     layout = lay_out(algorithm, score_fn, one_run_seeds, data, params=params, per_run=per_run, shared=shared,
                      num_runs=keys.shape[0], test_data=test_data, mesh=mesh, model_specs=model_specs,
                      archive_memory=archive_memory, chunk_size=chunk_size, metrics_fn=metrics_fn)
@@ -238,7 +240,7 @@ def run(
     state, log, done, saved = _start_or_resume(layout, plan, store, seeds, init_keys, run_keys, params, data,
                                                test_data)
     del seeds  # placed copies: with a large model, device memory the steps need
-    host_memory.release()  # the freed leaves of donated seeds, and what loading them left
+    host_memory.release()  # what compiling the start (init or resume) left
     bar = _Progress(tqdm(total=layout.num_runs * plan.passes(plan.num_steps),
                          initial=layout.num_runs * plan.passes(done), unit="pass",
                          disable=not progress or jax.process_index() != 0, desc="compiling"),
@@ -363,7 +365,7 @@ def _loop(layout: Layout, plan: Schedule, store: Store | None, state, log: _Log,
                                            layout=layout)
         count = int(active.sum())
         ok = to_host(ok)[:, :count]
-        if first:  # what compiling the step left
+        if first:  # what compiling the step left (before the peak of the calls that follow)
             host_memory.release()
             first = False
         if not ok.all():

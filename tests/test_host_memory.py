@@ -41,9 +41,10 @@ def test_release_returns_the_pages_of_freed_heap_blocks():
     libc.free(guard)
 
 
-def test_run_releases_once_the_seeds_are_placed_and_once_the_step_is_compiled(monkeypatch):
-    """Two releases: the first after the donated seeds were deleted and before any step
-    call, the second right after the first call (the one that compiles), none later."""
+def test_run_releases_after_stacking_after_starting_and_after_the_first_step(monkeypatch):
+    """Three releases: two after the donated seeds were deleted and before any step call
+    (once stacked; once the start has compiled), the third right after the first step
+    call (the one that compiles), none later."""
     seeds = [P.init_model(jax.random.key(i)) for i in range(3)]
     calls, releases = [], []
     step_program = runner._step_program
@@ -54,4 +55,4 @@ def test_run_releases_once_the_seeds_are_placed_and_once_the_step_is_compiled(mo
     mj.run(algo, P.KEYS, P.score_fn, P.TRAIN, 40, params=algo.default_params().replace(warmup=jnp.int32(3)),
            seed_models=seeds, donate_seeds=True, log_every=5, steps_per_call=5, progress=False)
     assert len(calls) > 2
-    assert releases == [(0, True), (1, True)]
+    assert releases == [(0, True), (0, True), (1, True)]
