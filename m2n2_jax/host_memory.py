@@ -5,9 +5,10 @@ block its own mapping rises to 32 MB once large blocks are freed, so a model's l
 live on its heap. A run that stacks donated seeds (their leaves freed one by one) and
 compiles its step leaves about 1.5 GB of such pages on SmolLM2 (docs/recipes.md), none
 of them in use. `release` asks glibc to return them (`malloc_trim(0)`); elsewhere it
-does nothing. `run` calls it once the seeds are stacked, once the run has started and
-once the first step has compiled, not at every call: returned pages are faulted in
-afresh when used again.
+does nothing. `run` calls it once the seeds are stacked, once the run has started,
+once the step has compiled (before its first call, whose temporaries would otherwise
+come on top of what compiling left) and after that call; not at every call: returned
+pages are faulted in afresh when used again.
 """
 
 from __future__ import annotations

@@ -175,9 +175,9 @@ def run(
       donate_seeds: delete `seed_models`' jax.Array leaves once they are stacked, as
         jit's donation does: the run then holds one copy of the seeds, not two (a
         135M-parameter pair: 1.08 GB less). The caller must not use them afterwards.
-        Once the seeds are stacked, once the run has started, and once the first step
-        has compiled, the pages of freed host heap are handed back to the system
-        (`host_memory.release`).
+        Once the seeds are stacked, once the run has started, once the step has
+        compiled (before its first call) and after that call, the pages of freed host
+        heap are handed back to the system (`host_memory.release`).
       test_data: datapoints given to `metrics_fn` (like `data`).
       metrics_fn: (state, params, test_data) -> dict of scalars, logged besides
         "train_score" (default `test_score_metrics`: "test_score" when there are test
@@ -361,11 +361,15 @@ def _loop(layout: Layout, plan: Schedule, store: Store | None, state, log: _Log,
     stopped, first = False, True
     while done < plan.num_steps and not stopped:
         active, logged = plan.call(done)
+        if first:  # compiled apart, so that what compiling left is handed back before the call's temporaries
+            _step_program.lower(state, evo_keys, params, done, active, logged, data, test_data,
+                                layout=layout).compile()
+            host_memory.release()
         state, metrics, ok = _step_program(state, evo_keys, params, done, active, logged, data, test_data,
                                            layout=layout)
         count = int(active.sum())
         ok = to_host(ok)[:, :count]
-        if first:  # what compiling the step left (before the peak of the calls that follow)
+        if first:  # and what the first call left
             host_memory.release()
             first = False
         if not ok.all():

@@ -41,18 +41,30 @@ def test_release_returns_the_pages_of_freed_heap_blocks():
     libc.free(guard)
 
 
-def test_run_releases_after_stacking_after_starting_and_after_the_first_step(monkeypatch):
-    """Three releases: two after the donated seeds were deleted and before any step call
-    (once stacked; once the start has compiled), the third right after the first step
-    call (the one that compiles), none later."""
+def test_run_releases_after_stacking_after_starting_and_around_the_first_step(monkeypatch):
+    """Four releases: after the donated seeds were deleted (once stacked; once the start
+    has compiled), once the step is compiled but before its first call, and right
+    after that call; none later."""
     seeds = [P.init_model(jax.random.key(i)) for i in range(3)]
-    calls, releases = [], []
-    step_program = runner._step_program
-    monkeypatch.setattr(runner, "_step_program", lambda *a, **k: calls.append(1) or step_program(*a, **k))
+    calls, lowered, releases = [], [], []
+
+    class Step:  # runner._step_program, counting its calls and compilations
+        def __init__(self, jitted):
+            self.jitted = jitted
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return self.jitted(*args, **kwargs)
+
+        def lower(self, *args, **kwargs):
+            lowered.append(1)
+            return self.jitted.lower(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_step_program", Step(runner._step_program))
     monkeypatch.setattr(host_memory, "release", lambda: releases.append(
-        (len(calls), all(x.is_deleted() for x in jax.tree.leaves(seeds)))) or True)
+        (len(lowered), len(calls), all(x.is_deleted() for x in jax.tree.leaves(seeds)))) or True)
     algo = mj.M2N2(archive_size=4, mutation=False)
     mj.run(algo, P.KEYS, P.score_fn, P.TRAIN, 40, params=algo.default_params().replace(warmup=jnp.int32(3)),
            seed_models=seeds, donate_seeds=True, log_every=5, steps_per_call=5, progress=False)
-    assert len(calls) > 2
-    assert releases == [(0, True), (0, True), (1, True)]
+    assert len(calls) > 2 and len(lowered) == 1
+    assert releases == [(0, 0, True), (0, 0, True), (1, 0, True), (1, 1, True)]
