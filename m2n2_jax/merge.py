@@ -218,8 +218,9 @@ def _random_wide(key: jax.Array, size: int, word: int = WORD) -> tuple[jax.Array
 
 def leaf_split(hi: jax.Array, lo: jax.Array, offset, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Where the split point k = hi * WORD + lo cuts a leaf of `shape` that starts at
-    flat index `offset` (a static int, or traced as int32 (offset // WORD, offset % WORD)
-    words, so one compiled loop serves leaves at different offsets): k_leaf = clip(k - offset, 0, size), returned as its
+    flat index `offset` (a static int, or traced as int32 (offset // WORD, offset %
+    WORD) words, so one compiled loop serves leaves at different offsets):
+    k_leaf = clip(k - offset, 0, size), returned as its
     (row, column) in the leaf viewed as (shape[0], rest), int32 scalars; row = shape[0]
     when the whole leaf lies before k. Exact for any size: the 64-bit arithmetic is
     done on 30-bit words, and rows and columns are below 2^31."""

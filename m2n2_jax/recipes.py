@@ -163,12 +163,14 @@ def _each_leaf(leaves, groups: tuple[int, ...], fn, values: bool = True) -> list
     fn traced once per shape and dtype: leaves that share them (a Llama's layers) go
     through one `lax.scan`, their group and offset traced (the offset as int32
     (offset // WORD, offset % WORD) words), each picked by a `lax.switch` (one leaf
-    copied at a time).
+    copied at a time). `values` False: fn reads only the leaf's shape and dtype, and in
+    the scan gets a `jax.ShapeDtypeStruct`, no copy.
 
     Why: XLA:CPU keeps ~80 kB of code per kernel and a leaf's lookup is 20-30 kernels,
     so the angle's sums compiled once per leaf held ~0.4 GB of SmolLM2's step program.
-    `build` does not take this path: its scan's stacked outputs, copied out to the
-    leaves, lived beside the step's other temporaries (SmolLM2: +0.42 GB, measured).
+    `build` takes this path for its lookups only: built here, its values came out of
+    the scan stacked, were copied into the leaves, and the stacked buffers lived beside
+    the step's other temporaries (SmolLM2: +0.42 GB, measured).
     """
     offsets, classes = [], {}
     for i, (_, stacked, offset) in enumerate(_with_offsets(leaves, groups)):
@@ -216,9 +218,10 @@ def _combine(coefficients: jax.Array, values: jax.Array) -> jax.Array:
     return sum(coefficients[..., s] * values[s].astype(jnp.float32) for s in range(values.shape[0]))
 
 
-def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset: int, shape: tuple,
+def _build_leaf(stacked: jax.Array, cuts: jax.Array, recipe: jax.Array, offset, shape: tuple,
                 lookup=None) -> jax.Array:
-    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S)."""
+    """One leaf (shape) of a recipe, float32; `stacked` (S, *shape), `cuts` (C, 2), `recipe` (C + 1, S);
+    `offset` and `lookup` as `_by_segment` takes them."""
     return _by_segment(stacked, cuts, offset, shape, lambda pick, values: _combine(pick(recipe), values).reshape(shape),
                        lookup)
 
