@@ -146,18 +146,17 @@ def measure(archive: str, evaluations: int, questions: int) -> dict:
 
 def compile_step(archive: str, score: str) -> dict:
     """In this process: compile the SmolLM2 step of `archive` with `score` from shapes."""
-    import ctypes
-
     import jax
     import jax.numpy as jnp
 
     from experiments import llm_real, llm_real_protocol
+    from m2n2_jax import host_memory
     from m2n2_jax.layout import lay_out
     from m2n2_jax.llm import decode
     from m2n2_jax.runner import lower_step
 
     def resident() -> int:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        host_memory.release()
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
