@@ -262,11 +262,14 @@ def main(argv=None) -> dict:
         args.evaluations = 1000
     import jax
 
+    from experiments import harness
+
     path = os.path.join(args.out, "recipe_archive.json")
     record = json.load(open(path)) if os.path.exists(path) else {}
     record[args.what] = {"smollm2": smollm2, "plans": plans, "step": step, "glibc": glibc}[args.what](args)
     record[args.what]["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                     f"{jax.devices()[0].platform}; jax {jax.__version__}")
+    record[args.what]["commit"] = harness.commit()
     os.makedirs(args.out, exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
