@@ -5,6 +5,8 @@
     python experiments/llm_real.py train --skill arithmetic   # a LoRA specialist (llm_real_train)
     python experiments/llm_real.py gsm8k --problems 100   # chain-of-thought GSM8K, final number exact
     python experiments/llm_real.py merge --model-a A --model-b B [--plan]   # two HF checkpoints on GSM8K (m2n2-merge)
+    python experiments/llm_real.py paths     # fixed merges of the pair scored on fitness and test
+    python experiments/llm_real.py archive --run 0   # one M2N2 run again, every archive member scored
 
 The protocol merges the two committed specialists (experiments/results/llm_real/
 specialists) with every method of llm_real_protocol and writes
@@ -350,6 +352,85 @@ def paths(argv) -> dict:
     return record
 
 
+def archive(argv) -> dict:
+    """One run of an M2N2 method of the protocol again, every member of its final archive
+    scored on the fitness and the test questions: whether the returned child's loss from
+    fitness to test is its selection's (the best of many on the same questions) or every
+    merge's."""
+    from experiments import harness, llm_real_data, llm_real_protocol, lm_protocol
+    from m2n2_jax import archive as archive_lib
+
+    parser = argparse.ArgumentParser(prog="llm_real.py archive", description=archive.__doc__.split("\n")[0])
+    parser.add_argument("--method", default="m2n2", choices=("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint"))
+    parser.add_argument("--run", type=int, default=0, help="the protocol's run r (key of --seed + r)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--forward-passes", type=int, default=200)
+    parser.add_argument("--fitness-questions", type=int, default=100)
+    parser.add_argument("--test-questions", type=int, default=120)
+    parser.add_argument("--specialists", default=SPECIALISTS)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default="experiments/results/llm_real/archive.json")
+    args = parser.parse_args(argv)
+    if args.run < 0:
+        parser.error(f"--run must be >= 0, got {args.run}")
+    spec = Spec(runs=args.run + 1, forward_passes=args.forward_passes, seed=args.seed, methods=(args.method,),
+                archive="recipes", fitness_questions=args.fitness_questions, test_questions=args.test_questions,
+                specialists=args.specialists, no_progress=args.no_progress)
+    t0 = time.perf_counter()
+    model, params, tokenizer = base_model()
+    models = specialists(params, args.specialists)
+    score_fn = decode.forced_exact_match_scores(model)
+    score = jax.jit(score_fn)
+    sets = {name: llm_real_protocol.batches(tokenizer, count, name, spec.data_seed)
+            for name, count in (("fitness", spec.fitness_questions), ("test", spec.test_questions))}
+    weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}
+    fitness = sets["fitness"][0]
+
+    def row(fitness_per_question, member) -> dict:
+        out = {}
+        for split, per_question in (("fitness", fitness_per_question), ("test", score(member, sets["test"][0]))):
+            per_skill = np.asarray(per_question) @ weights[split]
+            out[split] = dict(zip(llm_real_data.SKILLS, per_skill.tolist()), mean=float(per_skill.mean()))
+        return out
+
+    rows = {name: row(score(models[name], fitness), models[name]) for name in ("specialist-a", "specialist-b")}
+    algo, algo_params = llm_real_protocol.method_algorithm(spec, args.method, models)
+    seeds = [models["specialist-a"], models["specialist-b"]]
+    result = llm_real_protocol.evolve(spec, args.method, args.run, algo, algo_params, seeds, score_fn, fitness,
+                                      weights["fitness"])
+    state = result.state
+    returned = lm_protocol.returned_model(algo, jax.tree.map(lambda x: x[0], state), algo_params, score_fn,
+                                          fitness, weights["fitness"])[0]
+    member = jax.jit(lambda states, i: archive_lib.get(jax.tree.map(lambda x: x[0], states), i))
+    members = []
+    for i in np.flatnonzero(np.asarray(state.occupied[0])):
+        built = member(state, i)
+        members.append({"slot": int(i), **row(state.scores[0, i], built),
+                        "returned": bool(jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)),
+                                                                   built, returned)))})
+        print(f"slot {i:>2}: fitness {100 * members[-1]['fitness']['mean']:5.1f}  "
+              f"test {100 * members[-1]['test']['mean']:5.1f}{'  (returned)' if members[-1]['returned'] else ''}",
+              flush=True)
+    fit = np.asarray([m["fitness"]["mean"] for m in members])
+    test = np.asarray([m["test"]["mean"] for m in members])
+    machine = harness.machine()
+    record = {"experiment": "llm_real archive", "method": args.method, "run": args.run, "seed": args.seed + args.run,
+              "specialists": rows, "members": members, "skills": list(llm_real_data.SKILLS),
+              "test_minus_fitness": {"members_mean": float(np.mean(test - fit)),
+                                     "specialists": {k: v["test"]["mean"] - v["fitness"]["mean"]
+                                                     for k, v in rows.items()}},
+              "fitness_test_correlation": float(np.corrcoef(fit, test)[0, 1]) if len(members) > 2 else None,
+              "forward_passes": spec.forward_passes, "fitness_questions_per_skill": spec.fitness_questions,
+              "test_questions_per_skill": spec.test_questions, "evolution_seconds": result.wall_seconds,
+              "seconds": time.perf_counter() - t0,
+              "command": "python experiments/llm_real.py archive " + " ".join(argv),
+              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+    harness.write_json(args.out, record)
+    print(f"members: test - fitness {100 * np.mean(test - fit):+.1f} points on average, correlation "
+          f"{record['fitness_test_correlation']}; -> {args.out}")
+    return record
+
+
 def merge(argv) -> dict:
     from experiments import llm_real_merge
 
@@ -358,7 +439,7 @@ def merge(argv) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"nll": nll, "train": train, "gsm8k": gsm8k_eval, "merge": merge, "paths": paths}
+    commands = {"nll": nll, "train": train, "gsm8k": gsm8k_eval, "merge": merge, "paths": paths, "archive": archive}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return protocol(argv)

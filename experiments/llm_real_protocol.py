@@ -31,8 +31,6 @@ protocol resumes where it stopped.
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -45,6 +43,7 @@ import numpy as np
 
 import m2n2_jax as mj
 from experiments import harness, llm_real_data, lm_analysis, lm_operators, lm_protocol, methods
+from m2n2_jax import host_memory
 from m2n2_jax.llm import decode
 
 PAPER = ("m2n2", "m2n2-no-attraction", "m2n2-no-splitpoint", "cma-es-slerp")
@@ -73,10 +72,7 @@ def release_host_memory(programs: bool = False) -> None:
     if programs:
         jax.clear_caches()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    host_memory.release()
 
 
 def questions(tokenizer, count: int, source: str, seed: int) -> tuple[list, list, np.ndarray]:
@@ -103,6 +99,33 @@ def method_archive(name: str, archive: str) -> str:
     """The archive an M2N2 method keeps under `--archive`: m2n2-task-vectors keeps
     whole models (a task vector's magnitude scaling leaves the seeds' span)."""
     return "models" if name == methods.TASK_VECTORS else archive
+
+
+def method_algorithm(spec, name: str, models: dict):
+    """(algorithm, params) of evolutionary method `name` as the protocol runs it on
+    `models` (base, specialist-a, specialist-b)."""
+    settings = methods.Settings(
+        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup,
+                                  archive=method_archive(name, spec.archive), max_children=spec.forward_passes - 2),
+        task_vectors=methods.TaskVectorSettings(base=models["base"], groups=llama_unit,
+                                                magnitude_std=spec.magnitude_std, task_vector_norm="union"),
+        merge_es=methods.MergeESSettings(template=models["base"], groups=llama_unit, population=spec.population,
+                                         std_init=spec.std_init))
+    return methods.make_method(name, settings)
+
+
+def evolve(spec, name: str, r: int, algo, params, seeds, score_fn, fitness, weights, checkpoint=None) -> mj.RunResult:
+    """Run r of method `name` from the seeds (specialist-a, specialist-b), as the
+    protocol runs it: the key of seed spec.seed + r, the returned model's fitness
+    mean of the skills logged every spec.log_every evaluations."""
+
+    def metrics_fn(state, params_, _test):
+        return {"fitness_skill_mean": lm_protocol.returned_model(algo, state, params_, score_fn, fitness,
+                                                                 weights)[1]}
+
+    return mj.run(algo, harness.run_keys(spec.seed + r, 1), score_fn, fitness, spec.forward_passes, params=params,
+                  seed_models=seeds, metrics_fn=metrics_fn, log_every=spec.log_every, checkpoint=checkpoint,
+                  progress=not spec.no_progress, name=f"{name} run {r}")
 
 
 def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
@@ -149,13 +172,6 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
         timing.append(time.perf_counter() - t)
 
     pair = {"specialist_a": models["specialist-a"], "specialist_b": models["specialist-b"], "base": models["base"]}
-    settings_ = methods.Settings(
-        m2n2=methods.M2N2Settings(mutation_std=0.0, archive_size=spec.archive_size, warmup=spec.warmup,
-                                  archive=spec.archive, max_children=spec.forward_passes - 2),
-        task_vectors=methods.TaskVectorSettings(base=models["base"], groups=llama_unit,
-                                                magnitude_std=spec.magnitude_std, task_vector_norm="union"),
-        merge_es=methods.MergeESSettings(template=models["base"], groups=llama_unit, population=spec.population,
-                                         std_init=spec.std_init))
     keys = harness.run_keys(spec.seed, spec.runs)
     fitness_data = jax.device_put(fitness)
     for name in spec.methods:
@@ -172,13 +188,8 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
             log(f"{name}: {done[name]['runs'][0]}")
             continue
         archive = method_archive(name, spec.archive)
-        algo, params = methods.make_method(name, dataclasses.replace(
-            settings_, m2n2=dataclasses.replace(settings_.m2n2, archive=archive)))
+        algo, params = method_algorithm(spec, name, models)
         seeds = [pair["specialist_a"], pair["specialist_b"]]
-
-        def metrics_fn(state, params_, _test, algo=algo):
-            return {"fitness_skill_mean": lm_protocol.returned_model(algo, state, params_, score_fn, fitness,
-                                                                     weights)[1]}
 
         # The run's state has a leading run axis: taking run 0 inside the jitted pick
         # reads one model of the archive, where x[0] outside would copy the archive.
@@ -192,11 +203,9 @@ def run_protocol(spec, model, models: dict, tokenizer, log=print) -> dict:
                 # A model archive's checkpoint would be 8 GB on disk and as much again in
                 # memory while written, beside a run that already fills this machine.
                 small = archive == "recipes" or name in methods.MERGE_ES
-                result = mj.run(algo, keys[r:r + 1], score_fn, fitness, spec.forward_passes, params=params,
-                                seed_models=seeds, metrics_fn=metrics_fn, log_every=spec.log_every,
+                result = evolve(spec, name, r, algo, params, seeds, score_fn, fitness, weights,
                                 checkpoint=mj.Checkpointing(folder, every=CHECKPOINT_EVERY, resume=True,
-                                                            meta=settings, keep=1) if small else None,
-                                progress=not spec.no_progress, name=f"{name} run {r}")
+                                                            meta=settings, keep=1) if small else None)
                 chosen = pick(result.state, params)
                 keep(key, {"test": per_skill(chosen, test, test_weights),
                            "fitness": per_skill(chosen, fitness, weights),

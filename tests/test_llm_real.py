@@ -103,6 +103,35 @@ def test_paths_scores_the_ends_of_each_path_as_the_specialists(tiny_base, tiny_s
         llm_real.main(["paths", "--layer-splits", "2", "--specialists", str(tiny_specialists)])
 
 
+def test_archive_scores_each_member_of_the_protocols_run(tiny_base, tiny_specialists, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_real, "base_model", lambda: tiny_base)
+    # a score that tells the models apart and ignores the questions: a member's fitness
+    # and test rows are then equal iff the member built is the slot whose scores it shows
+    # (to 2e-4: a child built inside the step and again from its recipe may differ in the
+    # last bits, and float32 sums of its weights in two programs by ~3e-5)
+    probe = lambda p: sum(x.sum() for x in jax.tree.leaves(p)) % 1.0
+    monkeypatch.setattr(llm_real.decode, "forced_exact_match_scores",
+                        lambda *a: lambda params, batch: jnp.full(batch[0].shape[0], probe(params)))
+    common = ["--forward-passes", "11", "--fitness-questions", "3", "--test-questions", "4", "--no-progress",
+              "--specialists", str(tiny_specialists)]
+    record = llm_real.main(["archive", "--run", "1", "--out", str(tmp_path / "archive.json"), *common])
+    assert json.loads((tmp_path / "archive.json").read_text())["members"] == json.loads(json.dumps(record["members"]))
+    members = record["members"]
+    assert (record["method"], record["run"], record["seed"]) == ("m2n2", 1, 43)
+    fitness = np.asarray([m["fitness"]["mean"] for m in members])
+    assert len(members) == 11 and len(set(np.round(fitness, 3))) > 5
+    for i, m in enumerate(members):
+        assert m["test"] == pytest.approx(m["fitness"], abs=2e-4)
+        assert np.argmin(np.abs(fitness - m["test"]["mean"])) == i or fitness[i] in np.delete(fitness, i)
+    returned = [m for m in members if m["returned"]]
+    assert len(returned) == 1 and returned[0]["fitness"]["mean"] == max(m["fitness"]["mean"] for m in members)
+    # the same run as the protocol's run 1 of m2n2: its returned model scores the same
+    protocol = llm_real.main(["--methods", "m2n2", "--runs", "2", "--archive", "recipes", "--out",
+                              str(tmp_path / "protocol"), *common])
+    for s in llm_real_data.SKILLS:
+        assert protocol["test_score"]["m2n2"][s]["runs"][1] == pytest.approx(returned[0]["test"][s], abs=2e-4)
+
+
 def test_protocol_refuses_bad_command_lines(capsys):
     for argv, message in [(["--methods", "m2n2", "nope"], "unknown"), (["--forward-passes", "5"], ">= 2 seeds"),
                           (["--runs", "0"], "--runs must be > 0")]:
