@@ -119,6 +119,12 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
 
 
+def device() -> str:
+    """`machine()` in a few words, for a record's "device": "cpu:cpu (PROCESSOR, N cores)"."""
+    m = machine()
+    return f"{m['device']} ({m['processor']}, {m['cores']} cores)"
+
+
 def commit() -> str:
     """The git commit the code ran at, "+dirty" when the library or the experiments
     differ from it (results files aside), or "unknown" outside a git checkout."""

