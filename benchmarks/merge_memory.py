@@ -4,13 +4,14 @@
 
 Every variant merges two float32 parent pytrees of --params parameters in --leaves
 leaves of mixed shapes on one device:
-  split_point_slerp   m2n2_jax.split_point_slerp (leaf-wise, the library's merge): per
-                      leaf three float32 reductions (dot, |a|^2, |b|^2, `jnp.vdot`),
-                      then the merge
-  one_pass_last_dim   the same merge, a leaf's (dot, |a|^2, |b|^2) in one pass: rows of
-                      r coordinates along the leaf's LAST dimension, r the largest
-                      divisor of it up to 128, one variadic `lax.reduce` over the rows,
-                      then `jnp.sum` of the row sums (the library's in 9e1c9b5, undone)
+  split_point_slerp   m2n2_jax.split_point_slerp (leaf-wise, the library's merge): a
+                      leaf's (dot, |a|^2, |b|^2) in one pass (`merge.pair_reductions`:
+                      rows of r coordinates along the leaf's LAST dimension, r the
+                      largest divisor of it up to 128, one variadic `lax.reduce` over
+                      the rows, then `jnp.sum` of the row sums), then the merge
+  three_vdots         the same merge, per leaf three float32 `jnp.vdot`s (the
+                      library's until issue 34, when an archive slot's angle read
+                      the slot copied out, docs/scale.md)
   one_pass            the same merge, the three reductions of a leaf as ONE variadic
                       `lax.reduce` (one loop over the leaf in the compiled program;
                       on XLA:CPU a sequential float32 sum: see its reduction error)
@@ -37,7 +38,7 @@ the resident set (their seconds per merge, kept in the JSON, then include mappin
 child anew, and are not the timing). XLA's own accounting of the compiled merge (arguments + outputs +
 temporaries, from `compiled.memory_analysis()`) is reported beside it. Each variant's
 child is checked against the library's (max |difference|), and the float32 reductions
-of the library, one_pass_last_dim, one_pass and one_pass_blocked against float64
+of the library, three_vdots, one_pass and one_pass_blocked against float64
 (relative errors).
 
 Then the archive: XLA's accounting of one jitted M2N2 step (ask + tell, scores given,
@@ -67,7 +68,7 @@ if not __package__:  # run as a file: the child processes need the repository ro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository root: the child processes run there
-VARIANTS = ("split_point_slerp", "one_pass_last_dim", "one_pass", "one_pass_blocked", "norms_known", "elementwise",
+VARIANTS = ("split_point_slerp", "three_vdots", "one_pass", "one_pass_blocked", "norms_known", "elementwise",
             "flat_ravel")
 
 
@@ -150,29 +151,20 @@ def one_pass_blocked_reductions(a, b, row: int = 128):
 
 
 def library_reductions(a, b):
-    """What split_point_slerp reduces (per leaf three float32 vdots, summed over leaves)."""
+    """What split_point_slerp reduces (`merge.pair_reductions` per leaf, summed over leaves)."""
+    from m2n2_jax.merge import pair_reductions
+
+    parts = [pair_reductions(x, y) for x, y in zip(a.values(), b.values())]
+    return tuple(sum(p[i] for p in parts) for i in range(3))
+
+
+def three_vdots_reductions(a, b):
+    """Per leaf three float32 `jnp.vdot`s, summed over leaves."""
     import jax.numpy as jnp
 
     pairs = list(zip(a.values(), b.values()))
     return (sum(jnp.vdot(x, y) for x, y in pairs), sum(jnp.vdot(x, x) for x, _ in pairs),
             sum(jnp.vdot(y, y) for _, y in pairs))
-
-
-def one_pass_last_dim_reductions(a, b, row: int = 128):
-    """Per leaf one variadic reduce over rows of its last dimension (r the largest
-    divisor of it up to `row`), then the row sums summed; summed over leaves."""
-    import jax
-    import jax.numpy as jnp
-
-    zero = jnp.float32(0)
-    add3 = lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2])
-    totals = [jnp.float32(0)] * 3
-    for x, y in zip(a.values(), b.values()):
-        r = max(d for d in range(1, min(row, x.shape[-1]) + 1) if x.shape[-1] % d == 0)
-        xs, ys = x.reshape(-1, r), y.reshape(-1, r)
-        rows = jax.lax.reduce((xs * ys, xs * xs, ys * ys), (zero,) * 3, add3, (1,))
-        totals = [t + jnp.sum(q) for t, q in zip(totals, rows)]
-    return tuple(totals)
 
 
 def dot_only_reductions(a, b, aa, bb):
@@ -181,7 +173,7 @@ def dot_only_reductions(a, b, aa, bb):
     return sum(jnp.vdot(x, y) for x, y in zip(a.values(), b.values())), aa, bb
 
 
-REDUCTIONS = {"split_point_slerp": library_reductions, "one_pass_last_dim": one_pass_last_dim_reductions,
+REDUCTIONS = {"split_point_slerp": library_reductions, "three_vdots": three_vdots_reductions,
               "one_pass": one_pass_reductions,
               "one_pass_blocked": one_pass_blocked_reductions}  # variants reducing (dot, |a|^2, |b|^2)
 
@@ -210,7 +202,7 @@ def build(variant: str, a, b, total: int):
     ratio, split = jnp.float32(0.3), jnp.int32(total // 3)
     if variant == "split_point_slerp":
         return jax.jit(mj.split_point_slerp), (a, b, ratio, split)
-    if variant in ("one_pass_last_dim", "one_pass", "one_pass_blocked"):
+    if variant in ("three_vdots", "one_pass", "one_pass_blocked"):
         return jax.jit(merge_with(REDUCTIONS[variant])), (a, b, ratio, split)
     if variant == "norms_known":
         squared_norms = jax.jit(lambda t: sum(jnp.vdot(x, x) for x in t.values()))

@@ -81,14 +81,25 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
     """Write `model` (a recipe in a recipe archive) and its `scores` into slot `index`
     if `accept`, else return as is.
 
-    Only one slot is touched either way (a rejected write rewrites slot `index` with
-    its own contents), so inside `lax.scan` the update happens in place.
+    Only one slot is touched either way, so inside `lax.scan` the update happens in
+    place. Leaves in device memory are written under a `lax.cond` on `accept`: a
+    select between the new slot and the old one would copy the old slot out first (it
+    is read and overwritten in one buffer), a whole model of fresh memory at every
+    step (SmolLM2 on a 2-core CPU: 0.54 GB faulted in, 0.3 s of a 0.9 s step). Leaves
+    in host memory rewrite a rejected slot with its own contents.
     """
     keep = lambda new, stack: jnp.where(accept, new, on_device(stack[index]))
-    write = lambda stack, new: stack.at[index].set(
-        jax.device_put(keep(new, stack), jax.memory.Space.Host) if is_on_host(stack) else keep(new, stack))
+    stacks, treedef = jax.tree.flatten(archive.models)
+    news = jax.tree.leaves(model)
+    device = [i for i, stack in enumerate(stacks) if not is_on_host(stack)]
+    written = jax.lax.cond(accept, lambda s: [x.at[index].set(news[i]) for x, i in zip(s, device)], lambda s: s,
+                           [stacks[i] for i in device])
+    for i, x in zip(device, written):
+        stacks[i] = x
+    for i in (i for i in range(len(stacks)) if i not in device):
+        stacks[i] = stacks[i].at[index].set(jax.device_put(keep(news[i], stacks[i]), jax.memory.Space.Host))
     return archive.replace(
-        models=jax.tree.map(write, archive.models, model),
+        models=jax.tree.unflatten(treedef, stacks),
         scores=archive.scores.at[index].set(keep(scores, archive.scores)),
         occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),
     )

@@ -137,6 +137,11 @@ def check_scores(scores, expected_points: int, what: str) -> None:
 
 
 def valid_children(children, scores: jax.Array) -> jax.Array:
-    """On device: True iff every child's parameters are finite and all scores finite in [0, 1]."""
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(children)]))
+    """On device: True iff every child's parameters are finite and all scores finite in [0, 1].
+
+    x * 0 is 0 where x is finite and NaN where it is not, so one float sum per leaf
+    tells (a sum runs vectorised on XLA:CPU: a third of the time of `all(isfinite)`
+    over booleans, on a SmolLM2 child)."""
+    floats = [x for x in jax.tree.leaves(children) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jnp.isfinite(sum((jnp.sum(x * 0, dtype=jnp.float32) for x in floats), jnp.float32(0)))
     return finite & jnp.all((scores >= 0) & (scores <= 1))

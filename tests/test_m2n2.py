@@ -147,6 +147,27 @@ def test_worst_model_leaves_and_useless_child_is_rejected():
     chex.assert_trees_all_equal(tell(algorithm, state, child, jnp.zeros(4), params), state)
 
 
+@pytest.mark.parametrize("accept", [True, False])
+def test_replace_writes_a_slot_in_place_without_copying_the_old_one(accept):
+    """An accepted write puts the model in the slot, a rejected one leaves the archive as
+    it was, and neither takes a slot's worth of temporary memory in the compiled update
+    (a select between the new and the old slot copies the old one out first)."""
+    models = {"w": jnp.arange(4 * 256 * 128, dtype=jnp.float32).reshape(4, 256, 128), "b": jnp.ones((4, 128))}
+    state = archive_lib.Archive(models=models, scores=jnp.zeros((4, 3)), occupied=jnp.ones(4, bool))
+    child = {"w": jnp.full((256, 128), -1.0), "b": jnp.full((128,), -2.0)}
+    update = lambda s, c, ok: archive_lib.replace(s, jnp.int32(2), c, jnp.full(3, 0.5), ok)
+    new = jax.jit(update)(state, child, jnp.bool_(accept))
+    for name in models:
+        expected = np.asarray(models[name]).copy()
+        if accept:
+            expected[2] = np.asarray(child[name])
+        np.testing.assert_array_equal(np.asarray(new.models[name]), expected)
+    np.testing.assert_array_equal(np.asarray(new.scores[2]), np.full(3, 0.5) if accept else np.zeros(3))
+    slot = 256 * 128 * 4
+    compiled = jax.jit(update, donate_argnums=0).lower(state, child, jnp.bool_(accept)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < slot // 8
+
+
 def test_ties_drop_the_first_index():
     algorithm = mj.M2N2(archive_size=2)
     params = algorithm.default_params()

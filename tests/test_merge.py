@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from m2n2_jax.merge import group_sizes, leaf_groups, num_params, slerp, split_point_slerp
+from m2n2_jax.merge import (
+    group_sizes,
+    leaf_groups,
+    num_params,
+    pair_reductions,
+    slerp,
+    slerp_coefficients,
+    split_point_slerp,
+)
 
 
 def np_split_slerp(a, b, w, k, eps=1e-6):
@@ -247,3 +255,22 @@ def test_compiled_merge_grows_linearly_with_the_number_of_leaves(merge):
 
     small, large = operations(16), operations(128)
     assert large < 12 * small, (small, large)  # 8x the leaves: about 8x the operations; L^2 would be 64x
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 576), (5, 97), (2, 3, 256), (0, 4)])
+def test_pair_reductions_are_the_dot_product_and_squared_norms_like_numpy(shape):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    y = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    got = np.asarray(jax.jit(pair_reductions)(jnp.asarray(x), jnp.asarray(y)), np.float64)
+    x64, y64 = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+    np.testing.assert_allclose(got, [x64 @ y64, x64 @ x64, y64 @ y64], rtol=1e-6, atol=1e-6)
+
+
+def test_the_angle_of_two_archive_slots_reads_them_where_they_lie():
+    """slerp_coefficients of two slots of a stacked archive (`models[i]`) takes no
+    temporary memory of a slot's size: the reduction reads the slots in place (three dot
+    products took both slots copied out)."""
+    models = {"w": jnp.ones((4, 256, 128)), "b": jnp.ones((4, 128))}
+    angle = lambda m, i, j: slerp_coefficients(*(jax.tree.map(lambda p: p[k], m) for k in (i, j)), jnp.float32(0.3))
+    compiled = jax.jit(angle).lower(models, jnp.int32(1), jnp.int32(2)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 256 * 128 * 4 // 8
