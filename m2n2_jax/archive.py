@@ -92,14 +92,13 @@ def replace(archive: Archive, index: jax.Array, model, scores: jax.Array, accept
     stacks, treedef = jax.tree.flatten(archive.models)
     news = jax.tree.leaves(model)
     device = [i for i, stack in enumerate(stacks) if not is_on_host(stack)]
-    written = jax.lax.cond(accept, lambda s: [x.at[index].set(news[i]) for x, i in zip(s, device)], lambda s: s,
-                           [stacks[i] for i in device])
-    for i, x in zip(device, written):
-        stacks[i] = x
-    for i in (i for i in range(len(stacks)) if i not in device):
-        stacks[i] = stacks[i].at[index].set(jax.device_put(keep(news[i], stacks[i]), jax.memory.Space.Host))
+    written = dict(zip(device, jax.lax.cond(
+        accept, lambda s: [x.at[index].set(news[i]) for x, i in zip(s, device)], lambda s: s,
+        [stacks[i] for i in device])))
+    host_write = lambda stack, new: stack.at[index].set(jax.device_put(keep(new, stack), jax.memory.Space.Host))
+    models = [written[i] if i in written else host_write(x, y) for i, (x, y) in enumerate(zip(stacks, news))]
     return archive.replace(
-        models=jax.tree.unflatten(treedef, stacks),
+        models=jax.tree.unflatten(treedef, models),
         scores=archive.scores.at[index].set(keep(scores, archive.scores)),
         occupied=archive.occupied.at[index].set(archive.occupied[index] | accept),
     )
